@@ -1,0 +1,450 @@
+//! Runs the real `weir` binary as a child process against a config written to a tempdir.
+//!
+//! ```ignore
+//! let gw = Gateway::builder()
+//!     .upstreams([&a, &b])
+//!     .yaml("timeouts: {request: 300ms}\nlimits: {concurrency_peak: 2}")
+//!     .start()
+//!     .await;
+//! let resp = gw.get("/").await;
+//! ```
+//!
+//! The YAML fragments are deep-merged over [`BASE_YAML`] (maps merge key by key, anything else
+//! replaces), so a test states only what it is about. The child is killed (by its PID) when the
+//! `Gateway` is dropped; if the test is panicking its stdout and stderr are printed first.
+
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_yaml::Value;
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use super::client::{self, Request, Response};
+use super::metrics::Metrics;
+use super::upstream::Upstream;
+
+/// The weir binary under test.
+pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+/// How long a gateway may take to answer `/healthz` (debug build, loaded 2-core machine).
+pub const READY_DEADLINE: Duration = Duration::from_secs(15);
+
+/// What every test gateway starts from. `{dir}`, `{listen}` and `{admin}` are filled in.
+/// The deferred queue is off so that failures surface as the plain 502/503/504 answers.
+pub const BASE_YAML: &str = "\
+listen: {listen}
+upstreams: []
+admin:
+  listen: {admin}
+timeouts:
+  connect: 1s
+  request: 5s
+deferred_queue:
+  enabled: false
+log:
+  level: info
+  access: stdout
+  error_file: {dir}/weir_error.log
+server:
+  threads: 1
+  pid_file: {dir}/weir.pid
+  upgrade_sock: {dir}/weir_upgrade.sock
+";
+
+/// Addresses and directory a config is written for.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+}
+
+enum Source {
+    /// BASE_YAML + upstreams + fragments.
+    Yaml {
+        upstreams: Vec<String>,
+        fragments: Vec<String>,
+    },
+    /// A whole file, written by the closure for the chosen ports.
+    Raw {
+        file_name: String,
+        text: Box<dyn Fn(&Ports) -> String + Send>,
+    },
+}
+
+pub struct GatewayBuilder {
+    source: Source,
+}
+
+impl GatewayBuilder {
+    fn yaml_parts(&mut self) -> (&mut Vec<String>, &mut Vec<String>) {
+        match &mut self.source {
+            Source::Yaml {
+                upstreams,
+                fragments,
+            } => (upstreams, fragments),
+            Source::Raw { .. } => panic!("a raw config takes no upstreams or YAML fragments"),
+        }
+    }
+
+    pub fn upstream(mut self, u: &Upstream) -> Self {
+        self.yaml_parts().0.push(u.url());
+        self
+    }
+
+    pub fn upstreams<'a>(mut self, us: impl IntoIterator<Item = &'a Upstream>) -> Self {
+        for u in us {
+            self.yaml_parts().0.push(u.url());
+        }
+        self
+    }
+
+    pub fn upstream_url(mut self, url: &str) -> Self {
+        self.yaml_parts().0.push(url.to_string());
+        self
+    }
+
+    /// A YAML fragment deep-merged over the base config (later fragments win).
+    pub fn yaml(mut self, fragment: &str) -> Self {
+        self.yaml_parts().1.push(fragment.to_string());
+        self
+    }
+
+    /// Runs `weir run -c FILE` and waits until its admin `/healthz` answers 200 and its listener
+    /// accepts. Retries with fresh ports if the chosen ones were taken meanwhile.
+    pub async fn start(self) -> Gateway {
+        let mut last_failure = String::new();
+        for _ in 0..3 {
+            match self.try_start().await {
+                Ok(gw) => return gw,
+                Err(StartError::PortTaken(logs)) => last_failure = logs,
+                Err(StartError::Failed(msg)) => panic!("{msg}"),
+            }
+        }
+        panic!("weir could not bind its ports three times:\n{last_failure}");
+    }
+
+    async fn try_start(&self) -> Result<Gateway, StartError> {
+        let dir = tempfile::Builder::new()
+            .prefix("weir-test-")
+            .tempdir()
+            .expect("create a tempdir");
+        let (listen, admin) = two_free_ports();
+        let ports = Ports {
+            listen,
+            admin,
+            dir: dir.path().to_path_buf(),
+        };
+        let (file_name, text) = match &self.source {
+            Source::Yaml {
+                upstreams,
+                fragments,
+            } => (
+                "weir.yaml".to_string(),
+                compose_yaml(&ports, upstreams, fragments),
+            ),
+            Source::Raw { file_name, text } => (file_name.clone(), text(&ports)),
+        };
+        let config_path = dir.path().join(file_name);
+        std::fs::write(&config_path, &text).expect("write the config");
+
+        let stdout_path = dir.path().join("stdout.log");
+        let stderr_path = dir.path().join("stderr.log");
+        let child = Command::new(WEIR)
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_path).expect("create stdout.log"))
+            .stderr(File::create(&stderr_path).expect("create stderr.log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {WEIR}: {e}"));
+        let mut gw = Gateway {
+            child,
+            dir,
+            listen,
+            admin,
+            config_path,
+            config_text: text,
+        };
+        gw.wait_ready().await?;
+        Ok(gw)
+    }
+}
+
+enum StartError {
+    PortTaken(String),
+    Failed(String),
+}
+
+/// Two distinct ports that were free a moment ago.
+fn two_free_ports() -> (SocketAddr, SocketAddr) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    (
+        a.local_addr().expect("local addr"),
+        b.local_addr().expect("local addr"),
+    )
+}
+
+fn fill(template: &str, ports: &Ports) -> String {
+    template
+        .replace("{listen}", &ports.listen.to_string())
+        .replace("{admin}", &ports.admin.to_string())
+        .replace("{dir}", &ports.dir.display().to_string())
+}
+
+fn compose_yaml(ports: &Ports, upstreams: &[String], fragments: &[String]) -> String {
+    let mut config: Value = serde_yaml::from_str(&fill(BASE_YAML, ports)).expect("base YAML");
+    let list = Value::Sequence(upstreams.iter().cloned().map(Value::String).collect());
+    merge(
+        &mut config,
+        serde_yaml::Mapping::from_iter([("upstreams".into(), list)]).into(),
+    );
+    for fragment in fragments {
+        let overlay: Value = serde_yaml::from_str(&fill(fragment, ports))
+            .unwrap_or_else(|e| panic!("test YAML fragment does not parse ({e}):\n{fragment}"));
+        merge(&mut config, overlay);
+    }
+    serde_yaml::to_string(&config).expect("serialise the test config")
+}
+
+/// Deep merge: mappings merge key by key, everything else is replaced by the overlay.
+pub fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// A running weir child process.
+pub struct Gateway {
+    child: Child,
+    dir: TempDir,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    config_path: PathBuf,
+    config_text: String,
+}
+
+impl Gateway {
+    /// A gateway from [`BASE_YAML`]; add upstreams and fragments, then `start()`.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            source: Source::Yaml {
+                upstreams: Vec::new(),
+                fragments: Vec::new(),
+            },
+        }
+    }
+
+    /// A gateway from a whole config file (e.g. an `sq.properties`), written by `text` for the
+    /// chosen ports.
+    pub fn raw_config(
+        file_name: &str,
+        text: impl Fn(&Ports) -> String + Send + 'static,
+    ) -> GatewayBuilder {
+        GatewayBuilder {
+            source: Source::Raw {
+                file_name: file_name.to_string(),
+                text: Box::new(text),
+            },
+        }
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), StartError> {
+        let deadline = Instant::now() + READY_DEADLINE;
+        let mut last = String::from("not polled yet");
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let logs = self.logs();
+                if logs.contains("in use") || logs.to_lowercase().contains("addrinuse") {
+                    return Err(StartError::PortTaken(logs));
+                }
+                return Err(StartError::Failed(format!(
+                    "weir exited ({status}) before it was ready\n{}",
+                    self.describe()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(StartError::Failed(format!(
+                    "weir not ready within {READY_DEADLINE:?} (last /healthz: {last})\n{}",
+                    self.describe()
+                )));
+            }
+            match self.healthz().await {
+                Ok(200) => {
+                    if tokio::net::TcpStream::connect(self.listen).await.is_ok() {
+                        return Ok(());
+                    }
+                    last = "200, but the proxy listener refuses".into();
+                }
+                Ok(code) => last = format!("status {code}"),
+                Err(e) => last = e.to_string(),
+            }
+            // Readiness of another process cannot be awaited; poll it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn healthz(&self) -> io::Result<u16> {
+        let mut c = client::Client::connect(self.admin)
+            .await?
+            .with_timeout(Duration::from_secs(2));
+        Ok(c.send(&Request::get("/healthz")).await?.status)
+    }
+
+    /// The proxy listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn config_text(&self) -> &str {
+        &self.config_text
+    }
+
+    /// stdout and stderr of the child so far.
+    pub fn logs(&self) -> String {
+        let read = |name: &str| {
+            std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_else(|e| e.to_string())
+        };
+        format!(
+            "--- weir stdout ---\n{}\n--- weir stderr ---\n{}",
+            tail(&read("stdout.log")),
+            tail(&read("stderr.log"))
+        )
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "--- config {} ---\n{}\n{}",
+            self.config_path.display(),
+            self.config_text,
+            self.logs()
+        )
+    }
+
+    /// Sends `req` on a new connection to the proxy listener.
+    pub async fn try_send(&self, req: &Request) -> io::Result<Response> {
+        client::send(self.listen, req).await
+    }
+
+    /// Sends `req` on a new connection; panics (printing the gateway's logs) on an I/O error.
+    pub async fn send(&self, req: &Request) -> Response {
+        match self.try_send(req).await {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "{} {} through weir: {e}\n{}",
+                req.method,
+                req.target,
+                self.describe()
+            ),
+        }
+    }
+
+    pub async fn get(&self, target: &str) -> Response {
+        self.send(&Request::get(target)).await
+    }
+
+    /// `GET path` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Response {
+        client::send(self.admin, &Request::get(path))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} on the admin listener: {e}\n{}", self.logs()))
+    }
+
+    /// Scrapes `/metrics`; panics unless it answers 200.
+    pub async fn metrics(&self) -> Metrics {
+        let resp = self.admin_get("/metrics").await;
+        assert_eq!(resp.status, 200, "GET /metrics: {}", resp.text());
+        Metrics::parse(&resp.text())
+    }
+
+    /// Scrapes `/metrics` until `ok` holds for the sum of `name{labels}` (missing = 0), bounded by
+    /// `deadline`; counters are updated when a request is logged, which may be just after the
+    /// client saw the response. Returns the last value.
+    pub async fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        ok: impl Fn(f64) -> bool,
+        deadline: Duration,
+    ) -> f64 {
+        let end = Instant::now() + deadline;
+        loop {
+            let m = self.metrics().await;
+            let v = m.sum_or_zero(name, labels);
+            if ok(v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < end,
+                "{name}{labels:?} = {v} still not as expected after {deadline:?}\n{}",
+                m.text
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.describe());
+        }
+    }
+}
+
+/// The last 200 lines of a log.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(200);
+    lines[start..].join("\n")
+}
+
+/// Runs `weir ARGS` to completion (bounded by `deadline`; killed after it).
+pub async fn run_weir(args: &[&str], dir: &Path, deadline: Duration) -> Output {
+    let child = tokio::process::Command::new(WEIR)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {WEIR}: {e}"));
+    match tokio::time::timeout(deadline, child.wait_with_output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("waiting for weir {args:?}: {e}"),
+        Err(_) => panic!("weir {args:?} did not exit within {deadline:?}"),
+    }
+}
