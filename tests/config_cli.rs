@@ -1,0 +1,182 @@
+//! `weir check` and `weir run` on good and bad config files: a bad file is reported on stderr
+//! with the file, the line where there is one and the reason, with a non-zero exit and no panic.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use support::gateway::run_weir;
+use support::{Gateway, Upstream};
+
+const EXIT_DEADLINE: Duration = Duration::from_secs(20);
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Both `weir check -c` and `weir run -c` must refuse `path` with a non-zero exit and a stderr
+/// message containing every one of `wanted`.
+async fn assert_rejected(dir: &Path, path: &Path, wanted: &[&str]) {
+    let path_text = path.to_str().expect("utf-8 path");
+    for command in ["check", "run"] {
+        let out = run_weir(&[command, "-c", path_text], dir, EXIT_DEADLINE).await;
+        let err = stderr(&out);
+        assert!(
+            !out.status.success(),
+            "weir {command} accepted {path_text}; stdout:\n{}\nstderr:\n{err}",
+            stdout(&out)
+        );
+        assert!(!err.contains("panicked"), "weir {command} panicked:\n{err}");
+        for w in wanted {
+            assert!(
+                err.contains(w),
+                "weir {command} -c {path_text}: stderr lacks {w:?}:\n{err}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn missing_config_file_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nope.yaml");
+    assert_rejected(dir.path(), &path, &["nope.yaml"]).await;
+}
+
+#[tokio::test]
+async fn properties_key_without_equals_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "sq.properties",
+        "LISTENER_PORT=5252\nENDPOINTS=http://127.0.0.1:9001,http://127.0.0.1:9002\nCONCURRENCY_PEAK\n",
+    );
+    assert_rejected(dir.path(), &path, &["sq.properties:3"]).await;
+}
+
+#[tokio::test]
+async fn upstream_url_with_a_bad_port_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "bad_port.yaml",
+        "listen: 127.0.0.1:5252\nupstreams:\n  - http://127.0.0.1:9001\n  - http://127.0.0.1:99999\n",
+    );
+    assert_rejected(dir.path(), &path, &["bad_port.yaml", "99999"]).await;
+}
+
+#[tokio::test]
+async fn upstream_url_with_an_unsupported_scheme_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "bad_scheme.yaml",
+        "listen: 127.0.0.1:5252\nupstreams:\n  - ftp://127.0.0.1:9001\n",
+    );
+    assert_rejected(dir.path(), &path, &["bad_scheme.yaml", "ftp"]).await;
+}
+
+#[tokio::test]
+async fn unknown_nested_yaml_key_is_reported_with_its_name_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "unknown.yaml",
+        "listen: 127.0.0.1:5252\nupstreams:\n  - http://127.0.0.1:9001\nlimits:\n  concurency_peak: 10\n",
+    );
+    assert_rejected(dir.path(), &path, &["unknown.yaml:5", "concurency_peak"]).await;
+}
+
+#[tokio::test]
+async fn unknown_top_level_yaml_key_is_reported_with_its_name_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "typo.yaml",
+        "listen: 127.0.0.1:5252\nupstreams:\n  - http://127.0.0.1:9001\nretires:\n  gap: 1s\n",
+    );
+    assert_rejected(dir.path(), &path, &["typo.yaml:4", "retires"]).await;
+}
+
+#[tokio::test]
+async fn check_accepts_a_good_yaml_and_prints_the_effective_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "good.yaml",
+        "listen: 127.0.0.1:5252\nupstreams:\n  - http://127.0.0.1:9001\n  - url: http://127.0.0.1:9002\n    weight: 2\n\
+         timeouts:\n  request: 250ms\nlimits:\n  concurrency_peak: 77\n",
+    );
+    let out = run_weir(
+        &["check", "-c", path.to_str().expect("utf-8")],
+        dir.path(),
+        EXIT_DEADLINE,
+    )
+    .await;
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "stdout:\n{o}\nstderr:\n{e}");
+    for wanted in ["http://127.0.0.1:9001", "http://127.0.0.1:9002", "77"] {
+        assert!(
+            o.contains(wanted),
+            "effective config lacks {wanted:?}:\n{o}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_accepts_a_good_sq_properties() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "sq.properties",
+        "# ServiceQ config\nLISTENER_PORT=5252\nPROTO=http\n\
+         ENDPOINTS=http://127.0.0.1:9001,http://127.0.0.1:9002\nCONCURRENCY_PEAK=128\n\
+         OUTGOING_REQUEST_TIMEOUT=5\nRETRY_GAP=0\nENABLE_DEFERRED_Q=false\n",
+    );
+    let out = run_weir(
+        &["check", "-c", path.to_str().expect("utf-8")],
+        dir.path(),
+        EXIT_DEADLINE,
+    )
+    .await;
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "stdout:\n{o}\nstderr:\n{e}");
+    for wanted in ["http://127.0.0.1:9001", "http://127.0.0.1:9002", "128"] {
+        assert!(
+            o.contains(wanted),
+            "effective config lacks {wanted:?}:\n{o}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_traffic_from_an_sq_properties_file() {
+    let up = Upstream::start("a").await;
+    let url = up.url();
+    let gw = Gateway::raw_config("sq.properties", move |p| {
+        format!(
+            "LISTENER_ADDR=127.0.0.1\nLISTENER_PORT={}\nMETRICS_LISTENER={}\nENDPOINTS={url}\n\
+             CONCURRENCY_PEAK=16\nOUTGOING_REQUEST_TIMEOUT=5\nENABLE_DEFERRED_Q=false\n",
+            p.listen.port(),
+            p.admin
+        )
+    })
+    .start()
+    .await;
+
+    let resp = gw.get("/from-properties").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.node(), Some("a"));
+}
