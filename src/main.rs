@@ -1,1 +1,128 @@
-fn main() {}
+//! weir's command line: parse arguments, call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use weir::config::{yaml, Config, ConfigWarning, Loaded};
+use weir::server::RunOptions;
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Fault-tolerant HTTP edge gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// Native YAML or ServiceQ sq.properties file.
+        #[arg(short = 'c', long = "conf", default_value = "conf/weir.yaml")]
+        config: PathBuf,
+        /// Override the listener address of the file (e.g. 127.0.0.1:5252).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Start as the successor of a running weir (zero-downtime upgrade).
+        #[arg(short = 'u', long)]
+        upgrade: bool,
+        /// Run in the background.
+        #[arg(short = 'd', long)]
+        daemon: bool,
+    },
+    /// Validate a config file and print the effective config.
+    Check {
+        #[arg(short = 'c', long = "conf")]
+        config: PathBuf,
+    },
+    /// Print the native YAML equivalent of a ServiceQ sq.properties file.
+    Convert { file: PathBuf },
+    /// Built-in demo: three local upstreams (one flaps) and the gateway.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:5252")]
+        listen: String,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("weir: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn print_warnings(path: &std::path::Path, warnings: &[ConfigWarning]) {
+    for w in warnings {
+        match w.line {
+            Some(line) => eprintln!("weir: {}:{}: warning: {}", path.display(), line, w.message),
+            None => eprintln!("weir: {}: warning: {}", path.display(), w.message),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            config,
+            listen,
+            upgrade,
+            daemon,
+        } => {
+            let loaded = match load(&config) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            print_warnings(&config, &loaded.warnings);
+            let mut cfg = loaded.config;
+            if let Some(addr) = listen {
+                if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str()) {
+                    eprintln!("weir: --listen {addr}: not a host:port address ({e})");
+                    return ExitCode::from(2);
+                }
+                cfg.listen = vec![weir::config::Listener { addr }];
+            }
+            weir::init_logging(&cfg.log.level);
+            match weir::server::build(cfg, &RunOptions { upgrade, daemon }) {
+                Ok(built) => built.server.run_forever(),
+                Err(e) => {
+                    eprintln!("weir: {}: {e}", config.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Check { config } => {
+            let loaded = match load(&config) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            print_warnings(&config, &loaded.warnings);
+            let metrics = weir::metrics::Metrics::new();
+            if let Err(e) = weir::proxy::State::build(loaded.config.clone(), &metrics) {
+                eprintln!("weir: {}: {e}", config.display());
+                return ExitCode::from(1);
+            }
+            print!("{}", yaml::to_yaml(&loaded.config));
+            eprintln!("weir: {}: ok", config.display());
+            ExitCode::SUCCESS
+        }
+        Command::Convert { file } => {
+            let loaded = match load(&file) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            print_warnings(&file, &loaded.warnings);
+            print!("{}", yaml::to_yaml(&loaded.config));
+            ExitCode::SUCCESS
+        }
+        Command::Demo { listen } => match weir::demo::run(&listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weir demo: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}

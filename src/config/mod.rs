@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::queue::formats::RequestFormats;
+pub use crate::routing::Algorithm;
 
 /// A config error that points at its origin: file, line (where one is known) and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,13 +141,6 @@ pub enum UpstreamHost {
     Rewrite,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    #[default]
-    Feedback,
-    Serviceq,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Routing {

@@ -1,0 +1,64 @@
+//! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz`, `GET /queue`.
+//! Bound to loopback by default; it is for operators, not clients.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::proxy::Gateway;
+
+pub struct AdminApp {
+    gateway: Arc<Gateway>,
+}
+
+impl AdminApp {
+    pub fn new(gateway: Arc<Gateway>) -> AdminApp {
+        AdminApp { gateway }
+    }
+
+    fn route(&self, method: &http::Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+        const JSON: &str = "application/json";
+        match (method.as_str(), path) {
+            ("GET", "/metrics") => {
+                self.gateway.refresh_gauges();
+                (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.gateway.metrics.encode(),
+                )
+            }
+            ("GET", "/healthz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            ("GET", "/queue") => (
+                StatusCode::OK,
+                JSON,
+                // The queues arrive with the queue issue; until then they are empty and off.
+                br#"{"deferred":{"enabled":false,"depth":0,"oldest_age_seconds":0,"dead_letters":[]},"upfront":{"enabled":false,"depth":0,"oldest_age_seconds":0,"dead_letters":[]}}"#.to_vec(),
+            ),
+            (_, "/metrics" | "/healthz" | "/queue") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                JSON,
+                br#"{"error":"method not allowed"}"#.to_vec(),
+            ),
+            _ => (StatusCode::NOT_FOUND, JSON, br#"{"error":"not found"}"#.to_vec()),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let method = req.method.clone();
+        let (status, content_type, body) = self.route(&method, &path);
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_else(|_| Response::new(Vec::new()))
+    }
+}

@@ -1,0 +1,161 @@
+//! The access log (one JSON line per request) and the ServiceQ-shaped error log.
+//!
+//! Request threads never write files: they hand a finished line to a bounded channel, and one
+//! writer thread per log batches the lines into its file. If the writer falls behind, lines are
+//! dropped and counted rather than stalling requests; the count is reported in the log itself.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+
+use crate::config::AccessLog;
+
+const CHANNEL_LINES: usize = 65_536;
+
+enum Message {
+    Line(String),
+    Reopen,
+}
+
+/// One log destination served by a writer thread.
+pub struct LogSink {
+    tx: Sender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+enum Target {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Target {
+    fn open(&self) -> io::Result<Box<dyn Write + Send>> {
+        Ok(match self {
+            Target::Stdout => Box::new(io::stdout()),
+            Target::File(path) => Box::new(open_append(path)?),
+        })
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+impl LogSink {
+    fn start(name: &str, target: Target) -> io::Result<LogSink> {
+        let out = target.open()?;
+        let (tx, rx) = bounded(CHANNEL_LINES);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let d = dropped.clone();
+        std::thread::Builder::new()
+            .name(format!("weir-{name}-log"))
+            .spawn(move || write_loop(rx, target, out, d))?;
+        Ok(LogSink { tx, dropped })
+    }
+
+    /// Queues one line (without its newline).
+    pub fn write(&self, line: String) {
+        match self.tx.try_send(Message::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Reopens the file (log rotation, SIGUSR1).
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Message::Reopen);
+    }
+}
+
+fn write_loop(
+    rx: Receiver<Message>,
+    target: Target,
+    out: Box<dyn Write + Send>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut w = BufWriter::with_capacity(64 * 1024, out);
+    let mut reported = 0;
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        // Drain whatever is queued before paying for a flush.
+        while let Some(msg) = next {
+            match msg {
+                Message::Line(line) => {
+                    let _ = w.write_all(line.as_bytes());
+                    let _ = w.write_all(b"\n");
+                }
+                Message::Reopen => {
+                    let _ = w.flush();
+                    match target.open() {
+                        Ok(f) => w = BufWriter::with_capacity(64 * 1024, f),
+                        Err(e) => log::error!("cannot reopen log file: {e}"),
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let lost = dropped.load(Ordering::Relaxed);
+        if lost != reported {
+            let _ = writeln!(
+                w,
+                "{{\"weir_log\":\"lines dropped because the log writer fell behind\",\"total\":{lost}}}"
+            );
+            reported = lost;
+        }
+        let _ = w.flush();
+    }
+}
+
+/// The gateway's two logs.
+pub struct Logs {
+    pub access: Option<LogSink>,
+    pub error: Option<LogSink>,
+}
+
+impl Logs {
+    pub fn start(access: &AccessLog, error_file: Option<&Path>) -> io::Result<Logs> {
+        let access = match access {
+            AccessLog::Off => None,
+            AccessLog::Stdout => Some(LogSink::start("access", Target::Stdout)?),
+            AccessLog::File(p) => Some(LogSink::start("access", Target::File(p.clone()))?),
+        };
+        let error = match error_file {
+            None => None,
+            Some(p) => Some(LogSink::start("error", Target::File(p.to_path_buf()))?),
+        };
+        Ok(Logs { access, error })
+    }
+
+    pub fn off() -> Logs {
+        Logs {
+            access: None,
+            error: None,
+        }
+    }
+
+    /// A ServiceQ-shaped error line:
+    /// `weir: 2026/11/24 06:25:46 Error detected on http://10.0.0.2:8080 [Code: 702, UPSTREAM_TIMED_OUT]`.
+    pub fn error_line(&self, on: &str, code: u16, name: &str) {
+        if let Some(sink) = &self.error {
+            let now = chrono::Local::now().format("%Y/%m/%d %H:%M:%S");
+            sink.write(format!(
+                "weir: {now} Error detected on {on} [Code: {code}, {name}]"
+            ));
+        }
+    }
+
+    pub fn reopen(&self) {
+        for sink in [&self.access, &self.error].into_iter().flatten() {
+            sink.reopen();
+        }
+    }
+}

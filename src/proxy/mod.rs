@@ -1,0 +1,567 @@
+//! The gateway: weir's `ProxyHttp` implementation. Each hook says in one line what weir does
+//! there and delegates to the module named after that stage.
+//!
+//! ```text
+//!  request_filter ─────── admission.rs  concurrency peak ─────────────► 429 Request Discarded
+//!        │                body.rs       copy of a replay-safe body (≤ max_buffered_body)
+//!        ▼
+//!  upstream_peer ──────── upstream.rs   router picks among untried nodes (+ retry gap)
+//!        │
+//!  upstream_request_filter  upstream.rs X-Forwarded-*, X-Request-Id, Host policy
+//!  request_body_filter      body.rs     substitute the full copy on every attempt
+//!        │
+//!  fail_to_connect ─┐
+//!  error_while_proxy ┴─── failures.rs  classify, feed the node's score, retry only if safe
+//!  upstream_response_filter            failure statuses fed back (and retried if safe)
+//!        ▼
+//!  response_filter ────── respond.rs   request id + configured response headers
+//!  fail_to_proxy ──────── respond.rs   503 / 504 / 502 / 400 with sq_msg bodies
+//!  logging                              metrics, access log, ServiceQ-style error log
+//! ```
+
+pub mod admission;
+pub mod body;
+pub mod failures;
+pub mod respond;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::HeaderValue;
+use pingora::prelude::*;
+use pingora::protocols::Digest;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_error::{ErrorSource, ErrorType, RetryType};
+use pingora_proxy::FailToProxy;
+use smallvec::SmallVec;
+
+use crate::logs::Logs;
+use crate::metrics::{Metrics, Outcome, Rejection};
+use crate::routing::Outcome as NodeOutcome;
+use admission::{Admission, Slot};
+use failures::Failure;
+use respond::Answer;
+pub use upstream::State;
+
+/// Stale pooled connections retried on the same node without blaming it, at most this often.
+const MAX_STALE_RETRIES: u8 = 2;
+
+/// Cheap to clone: the proxy service and the admin/background services share one gateway.
+#[derive(Clone)]
+pub struct Gateway {
+    state: Arc<ArcSwap<State>>,
+    admission: Admission,
+    pub metrics: Arc<Metrics>,
+    pub logs: Arc<Logs>,
+}
+
+/// One attempt in progress.
+struct Attempt {
+    node: usize,
+    started: Instant,
+    /// The full body copy went upstream on this attempt.
+    copy_sent: bool,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    /// The config this request started on, kept to its end (reloads never change it mid-way).
+    state: Arc<State>,
+    started: Instant,
+    slot: Option<Slot>,
+    request_id: Option<HeaderValue>,
+    /// May be sent again after it reached a node: idempotent method or `Idempotency-Key`.
+    replay_safe: bool,
+    /// weir's copy of the body, when it keeps one.
+    body: Option<Bytes>,
+    /// Nodes tried, in order.
+    tried: SmallVec<[usize; 4]>,
+    attempt: Option<Attempt>,
+    stale_retries: u8,
+    last_failure: Option<Failure>,
+    outcome: Outcome,
+}
+
+impl Gateway {
+    pub fn new(state: State, metrics: Arc<Metrics>, logs: Arc<Logs>) -> Gateway {
+        metrics
+            .concurrency_peak
+            .set(state.config.limits.concurrency_peak as i64);
+        Gateway {
+            state: Arc::new(ArcSwap::from_pointee(state)),
+            admission: Admission::default(),
+            metrics,
+            logs,
+        }
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    /// Installs a new state (config reload); requests in flight keep the one they started on.
+    pub fn swap_state(&self, state: State) {
+        self.metrics
+            .concurrency_peak
+            .set(state.config.limits.concurrency_peak as i64);
+        self.state.store(Arc::new(state));
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.admission.inflight()
+    }
+
+    /// Refreshes the gauges that describe live state; called before each scrape.
+    pub fn refresh_gauges(&self) {
+        self.metrics.inflight.set(self.inflight() as i64);
+        let state = self.state();
+        let probabilities = state.router.selection_probabilities();
+        for (i, node) in state.nodes.iter().enumerate() {
+            node.metrics.error_rate.set(state.router.error_rate(i));
+            node.metrics
+                .selection_probability
+                .set(probabilities.get(i).copied().unwrap_or(0.0));
+        }
+    }
+
+    /// Closes the current attempt in the router and metrics.
+    fn end_attempt(&self, ctx: &mut RequestCtx, result: Result<(), Failure>) {
+        let Some(attempt) = ctx.attempt.take() else {
+            return;
+        };
+        let elapsed = attempt.started.elapsed();
+        let node = &ctx.state.nodes[attempt.node];
+        match result {
+            Ok(()) => {
+                ctx.state
+                    .router
+                    .finish(attempt.node, NodeOutcome::Success, elapsed);
+                node.metrics.attempts[0].inc();
+                node.metrics
+                    .response_duration
+                    .observe(elapsed.as_secs_f64());
+            }
+            Err(failure) => {
+                ctx.state
+                    .router
+                    .finish(attempt.node, NodeOutcome::Failure, elapsed);
+                node.metrics.attempts[failure.result_index()].inc();
+                if let Failure::Status(_) = failure {
+                    node.metrics
+                        .response_duration
+                        .observe(elapsed.as_secs_f64());
+                }
+                let (code, name) = failure.serviceq_code();
+                self.logs.error_line(&node.upstream.url, code, name);
+                ctx.last_failure = Some(failure);
+            }
+        }
+    }
+
+    /// An attempt that ended for reasons that are not the node's (client gone, stale pooled
+    /// connection): release it without feeding the score.
+    fn abandon_attempt(&self, ctx: &mut RequestCtx) {
+        if let Some(attempt) = ctx.attempt.take() {
+            ctx.state.router.cancel(attempt.node);
+        }
+    }
+
+    /// Whether another attempt may follow the failure `f` of the current one.
+    fn may_retry(&self, session: &Session, ctx: &RequestCtx, f: Failure) -> bool {
+        if response_started(session) {
+            return false;
+        }
+        let limit = ctx.state.attempts.min(ctx.state.nodes.len());
+        if ctx.tried.len() >= limit {
+            return false;
+        }
+        if f.nothing_sent() {
+            return true;
+        }
+        ctx.replay_safe && body_replayable(session, ctx)
+    }
+}
+
+/// True once a final (or 101) response header went to the client: nothing may be retried then.
+fn response_started(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|r| r.status.as_u16() >= 200 || r.status.as_u16() == 101)
+}
+
+/// The body can be sent again: weir holds a copy, there is none, or Pingora's buffer has it all.
+fn body_replayable(session: &Session, ctx: &RequestCtx) -> bool {
+    ctx.body.is_some() || !session.as_ref().retry_buffer_truncated()
+}
+
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            state: self.state(),
+            started: Instant::now(),
+            slot: None,
+            request_id: None,
+            replay_safe: false,
+            body: None,
+            tried: SmallVec::new(),
+            attempt: None,
+            stale_retries: 0,
+            last_failure: None,
+            outcome: Outcome::Proxied,
+        }
+    }
+
+    /// Admission (concurrency peak), request id, keep-alive, and the body copy for replay.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let id = session
+            .req_header()
+            .headers
+            .get(respond::X_REQUEST_ID)
+            .filter(|v| respond::acceptable_request_id(v))
+            .cloned()
+            .unwrap_or_else(respond::new_request_id);
+        ctx.request_id = Some(id);
+        session.set_keepalive(Some(ctx.state.keepalive_secs));
+
+        match self
+            .admission
+            .try_admit(ctx.state.config.limits.concurrency_peak)
+        {
+            Some(slot) => ctx.slot = Some(slot),
+            None => {
+                ctx.outcome = Outcome::Rejected;
+                self.metrics.rejected(Rejection::Concurrency);
+                self.logs.error_line("gateway", 601, "GATEWAY_FLOODED");
+                let answer = Answer {
+                    retry_after: Some(1),
+                    ..Answer::new(429, "Request Discarded")
+                };
+                respond::send(session, ctx, &answer, false).await?;
+                return Ok(true);
+            }
+        }
+
+        let req = session.req_header();
+        ctx.replay_safe =
+            is_idempotent(&req.method) || req.headers.contains_key("idempotency-key");
+        if ctx.replay_safe {
+            if let Some(len) = body::content_length(session) {
+                if len > 0 && len <= ctx.state.config.limits.max_buffered_body {
+                    ctx.body = Some(body::capture(session, len).await?);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Routing: the router picks a node among those this request has not tried yet.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        if let Some(last) = ctx.tried.last() {
+            self.metrics.retry(
+                ctx.last_failure
+                    .map(Failure::label)
+                    .unwrap_or("stale_connection"),
+            );
+            let gap = ctx.state.config.retries.gap;
+            if gap > Duration::ZERO && ctx.last_failure.is_some() {
+                tokio::time::sleep(gap).await;
+            }
+            let _ = last;
+        }
+        let Some(node) = ctx.state.router.select(&ctx.tried, fastrand::f64()) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "every node was tried");
+        };
+        ctx.state.router.start(node);
+        ctx.tried.push(node);
+        ctx.attempt = Some(Attempt {
+            node,
+            started: Instant::now(),
+            copy_sent: false,
+        });
+        Ok(Box::new(ctx.state.nodes[node].peer.clone()))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&Digest>,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Forwarding headers, the request id and the Host policy, on every attempt.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(attempt) = &ctx.attempt else {
+            return Ok(());
+        };
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        upstream::prepare_request(
+            upstream_request,
+            &ctx.state.nodes[attempt.node],
+            ctx.state.config.upstream_host,
+            client_ip,
+            ctx.request_id.as_ref(),
+        )
+    }
+
+    /// Replay: weir's full copy replaces the tail Pingora replays.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(copy), Some(attempt)) = (&ctx.body, ctx.attempt.as_mut()) {
+            body::substitute(body, end_of_stream, copy, &mut attempt.copy_sent);
+        }
+        Ok(())
+    }
+
+    /// Feedback: the response header closes the attempt; failure statuses count against the
+    /// node and are retried on another one when that is safe.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if status < 200 {
+            return Ok(());
+        }
+        if ctx.state.is_failure_status(status) {
+            let failure = Failure::Status(status);
+            self.end_attempt(ctx, Err(failure));
+            if self.may_retry(session, ctx, failure) {
+                // Raised as the node's error so that error_while_proxy retries it.
+                let mut e = Error::explain(ErrorType::HTTPStatus(status), "failure status");
+                e.as_up();
+                e.set_retry(true);
+                return Err(e);
+            }
+        } else {
+            self.end_attempt(ctx, Ok(()));
+        }
+        Ok(())
+    }
+
+    /// The request id and the configured response headers.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        respond::add_common_headers(upstream_response, ctx)
+    }
+
+    /// Connect failures: nothing was sent, so another node is always tried while one is left.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let failure = Failure::from_connect_error(&e);
+        self.end_attempt(ctx, Err(failure));
+        let retry = self.may_retry(session, ctx, failure);
+        e.set_retry(retry);
+        e
+    }
+
+    /// Failures after the request was sent: retried only where replay is safe.
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // Our own failure-status error: the attempt is already closed and the retry decided.
+        if matches!(e.etype(), ErrorType::HTTPStatus(_)) && ctx.attempt.is_none() {
+            let retry = e.retry();
+            e.set_retry(retry);
+            return e;
+        }
+        let stale = client_reused
+            && matches!(e.retry, RetryType::ReusedOnly)
+            && !response_started(session);
+        if stale && ctx.stale_retries < MAX_STALE_RETRIES {
+            // A pooled connection the node had already closed: not the node's fault, and it may
+            // be picked again.
+            self.abandon_attempt(ctx);
+            ctx.tried.pop();
+            ctx.stale_retries += 1;
+            let retry = ctx.replay_safe && body_replayable(session, ctx);
+            e.set_retry(retry);
+            return e;
+        }
+        match Failure::from_proxy_error(&e) {
+            Some(failure) => {
+                self.end_attempt(ctx, Err(failure));
+                let retry = self.may_retry(session, ctx, failure);
+                e.set_retry(retry);
+            }
+            None => {
+                self.abandon_attempt(ctx);
+                e.set_retry(false);
+            }
+        }
+        e
+    }
+
+    /// The final failure: weir's own answer from the last node failure, or 400 for a bad request.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        self.abandon_attempt(ctx);
+        let done = FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        };
+        if let Some(resp) = session.response_written() {
+            if response_started(session) {
+                return FailToProxy {
+                    error_code: resp.status.as_u16(),
+                    ..done
+                };
+            }
+        }
+        let answer = match (e.esource(), e.etype()) {
+            (ErrorSource::Downstream, ErrorType::ReadError)
+            | (ErrorSource::Downstream, ErrorType::WriteError)
+            | (ErrorSource::Downstream, ErrorType::ConnectionClosed)
+            | (ErrorSource::Downstream, ErrorType::ReadTimedout)
+            | (ErrorSource::Downstream, ErrorType::WriteTimedout) => return done,
+            (ErrorSource::Downstream, _) => {
+                self.metrics.rejected(Rejection::BadRequest);
+                ctx.outcome = Outcome::Rejected;
+                Answer::new(400, "Bad Request")
+            }
+            _ => match ctx.last_failure.and_then(Failure::client_answer) {
+                Some((status, message)) => Answer::new(status, message),
+                None => match e.etype() {
+                    ErrorType::HTTPStatus(503) => Answer::new(503, "Service Unavailable"),
+                    ErrorType::HTTPStatus(s) if *s >= 400 && *s < 500 => {
+                        Answer::new(*s, "Bad Request")
+                    }
+                    _ if *e.esource() == ErrorSource::Upstream => {
+                        Answer::new(502, "Bad Gateway")
+                    }
+                    _ => Answer::new(500, "Internal Error"),
+                },
+            },
+        };
+        if ctx.outcome == Outcome::Proxied {
+            ctx.outcome = Outcome::Failed;
+        }
+        let status = answer.status;
+        match respond::send(session, ctx, &answer, true).await {
+            Ok(()) => FailToProxy {
+                error_code: status,
+                ..done
+            },
+            Err(_) => done,
+        }
+    }
+
+    /// Metrics, access log; releases the concurrency slot.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.abandon_attempt(ctx);
+        ctx.slot = None;
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let elapsed = ctx.started.elapsed();
+        self.metrics
+            .request_done(status, ctx.outcome, elapsed.as_secs_f64());
+        if let Some(sink) = &self.logs.access {
+            sink.write(access_line(session, ctx, status, elapsed));
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        // Upstream failures go to weir's own error log and metrics.
+        true
+    }
+}
+
+/// One JSON access-log line.
+fn access_line(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -> String {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        ts: String,
+        id: &'a str,
+        client: Option<String>,
+        method: &'a str,
+        target: String,
+        status: u16,
+        outcome: &'static str,
+        upstream: Option<&'a str>,
+        attempts: usize,
+        duration_ms: f64,
+    }
+    let req = session.req_header();
+    let line = Line {
+        ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        id: ctx
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        client: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string()),
+        method: req.method.as_str(),
+        target: String::from_utf8_lossy(req.raw_path()).into_owned(),
+        status,
+        outcome: ctx.outcome.label(),
+        upstream: ctx
+            .tried
+            .last()
+            .map(|&i| ctx.state.nodes[i].upstream.url.as_str()),
+        attempts: ctx.tried.len(),
+        duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+    };
+    serde_json::to_string(&line).unwrap_or_default()
+}

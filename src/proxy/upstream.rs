@@ -1,0 +1,148 @@
+//! The cluster as the proxy sees it: nodes with their prebuilt peers and metric handles, the
+//! router over them, and the per-attempt work of `upstream_peer` and `upstream_request_filter`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use pingora::prelude::*;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::{Config, Scheme, Upstream, UpstreamHost};
+use crate::metrics::{Metrics, NodeMetrics};
+use crate::routing::{Clock, Router, RouterSettings, SystemClock};
+
+/// One upstream node.
+pub struct Node {
+    pub upstream: Upstream,
+    /// Cloned for each attempt; options (timeouts, TLS) set once here.
+    pub peer: HttpPeer,
+    pub metrics: NodeMetrics,
+    /// `host:port` for `upstream_host: rewrite`.
+    pub host_header: HeaderValue,
+}
+
+/// Everything a request needs from the config, built once per (re)load and shared read-only.
+pub struct State {
+    pub config: Config,
+    pub nodes: Vec<Node>,
+    pub router: Router,
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Attempts per request (retries.max_attempts, 0 = one per node).
+    pub attempts: usize,
+    pub keepalive_secs: u64,
+}
+
+impl State {
+    pub fn build(config: Config, metrics: &Metrics) -> std::result::Result<State, String> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        Self::build_with_clock(config, metrics, clock)
+    }
+
+    pub fn build_with_clock(
+        config: Config,
+        metrics: &Metrics,
+        clock: Arc<dyn Clock>,
+    ) -> std::result::Result<State, String> {
+        let mut nodes = Vec::with_capacity(config.upstreams.len());
+        for u in &config.upstreams {
+            nodes.push(Node {
+                peer: peer_for(u, &config)?,
+                metrics: metrics.node(&u.url),
+                host_header: HeaderValue::from_str(&host_port(u))
+                    .map_err(|e| format!("upstream {}: bad host: {e}", u.url))?,
+                upstream: u.clone(),
+            });
+        }
+        let weights: Vec<u32> = config.upstreams.iter().map(|u| u.weight).collect();
+        let router = Router::new(
+            &weights,
+            RouterSettings {
+                algorithm: config.routing.algorithm,
+                decay_half_life: config.routing.decay_half_life,
+            },
+            clock,
+        );
+        let mut response_headers = Vec::with_capacity(config.response_headers.len());
+        for (name, value) in &config.response_headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("response header name {name:?}: {e}"))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| format!("response header value {value:?}: {e}"))?;
+            response_headers.push((name, value));
+        }
+        Ok(State {
+            attempts: config.attempts_per_request(),
+            keepalive_secs: config.timeouts.keepalive.as_secs().max(1),
+            response_headers,
+            router,
+            nodes,
+            config,
+        })
+    }
+
+    pub fn is_failure_status(&self, status: u16) -> bool {
+        self.config.routing.failure_statuses.contains(&status)
+    }
+}
+
+fn host_port(u: &Upstream) -> String {
+    if u.host.contains(':') {
+        format!("[{}]:{}", u.host, u.port)
+    } else {
+        format!("{}:{}", u.host, u.port)
+    }
+}
+
+/// How long an idle pooled upstream connection is kept.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, String> {
+    let tls = u.scheme == Scheme::Https;
+    let sni = u.sni.clone().unwrap_or_else(|| u.host.clone());
+    let mut peer = HttpPeer::new(u.addr, tls, sni);
+    let o = &mut peer.options;
+    o.connection_timeout = Some(config.timeouts.connect);
+    o.total_connection_timeout = Some(config.timeouts.connect);
+    o.read_timeout = config.timeouts.request;
+    o.write_timeout = config.timeouts.request;
+    o.idle_timeout = Some(UPSTREAM_IDLE);
+    if tls {
+        o.verify_cert = u.tls_verify;
+        o.verify_hostname = u.tls_verify;
+        if u.ca.is_some() {
+            return Err(format!(
+                "upstream {}: a per-upstream `ca` is not supported yet (system roots only)",
+                u.url
+            ));
+        }
+    }
+    Ok(peer)
+}
+
+/// Request headers for one attempt: forwarding headers, request id, Host policy.
+pub fn prepare_request(
+    req: &mut RequestHeader,
+    node: &Node,
+    host_mode: UpstreamHost,
+    client_ip: Option<std::net::IpAddr>,
+    request_id: Option<&HeaderValue>,
+) -> Result<()> {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    if let Some(ip) = client_ip {
+        let forwarded = match req.headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+            _ => ip.to_string(),
+        };
+        req.insert_header(XFF, forwarded)?;
+    }
+    req.insert_header(XFP, "http")?;
+    if let Some(id) = request_id {
+        req.insert_header(HeaderName::from_static(super::respond::X_REQUEST_ID), id.clone())?;
+    }
+    if host_mode == UpstreamHost::Rewrite {
+        req.insert_header(http::header::HOST, node.host_header.clone())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! Request formats today; the deferred and upfront queues build on them.
+pub mod formats;

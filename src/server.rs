@@ -1,0 +1,116 @@
+//! Assembles the Pingora server: the proxy service on every listener, the admin service
+//! (metrics, health) and the background services.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::logs::Logs;
+use crate::metrics::Metrics;
+use crate::proxy::{Gateway, State};
+
+/// What `weir run` needs beyond the config.
+#[derive(Default, Clone)]
+pub struct RunOptions {
+    pub upgrade: bool,
+    pub daemon: bool,
+}
+
+/// Pingora's own settings, from weir's config.
+fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
+    let s = &config.server;
+    ServerConf {
+        threads: s.threads,
+        pid_file: s.pid_file.to_string_lossy().into_owned(),
+        upgrade_sock: s.upgrade_sock.to_string_lossy().into_owned(),
+        grace_period_seconds: Some(s.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.as_secs()),
+        // weir bounds attempts itself (retries.max_attempts); this is only a backstop.
+        max_retries: config.attempts_per_request() + 4,
+        daemon: opts.daemon,
+        ..ServerConf::default()
+    }
+}
+
+/// The running gateway's shared parts, for callers (like the demo) that watch it.
+pub struct Built {
+    pub server: Server,
+    pub gateway: Arc<Gateway>,
+}
+
+/// Builds the server with every service; call `run_forever` on the result.
+pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
+    let metrics = Metrics::new();
+    let logs = Arc::new(
+        Logs::start(&config.log.access, config.log.error_file.as_deref())
+            .map_err(|e| format!("cannot open log files: {e}"))?,
+    );
+    let state = State::build(config.clone(), &metrics)?;
+    let gateway = Arc::new(Gateway::new(state, metrics, logs));
+
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        ..Opt::default()
+    };
+    let conf = server_conf(&config, opts);
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        (*gateway).clone(),
+        "weir proxy",
+    );
+    for l in &config.listen {
+        proxy.add_tcp(&l.addr);
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = &config.admin.listen {
+        let mut admin = Service::new(
+            "weir admin".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(AdminApp::new(gateway.clone())),
+        );
+        admin.add_tcp(addr);
+        server.add_service(admin);
+    }
+    server.add_service(background_service(
+        "weir signals",
+        Signals {
+            gateway: gateway.clone(),
+        },
+    ));
+    Ok(Built { server, gateway })
+}
+
+/// SIGUSR1 reopens the log files (rotation). (SIGQUIT/SIGTERM/SIGINT are Pingora's.)
+struct Signals {
+    gateway: Arc<Gateway>,
+}
+
+#[async_trait]
+impl BackgroundService for Signals {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            log::error!("cannot install the SIGUSR1 handler; log reopening is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => {
+                    log::info!("SIGUSR1: reopening log files");
+                    self.gateway.logs.reopen();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
