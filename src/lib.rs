@@ -1,1 +1,4 @@
 //! weir: a fault-tolerant HTTP edge gateway on Pingora.
+
+pub mod config;
+pub mod queue;

@@ -1,0 +1,3 @@
+//! Request queues: which requests may be queued, and (later) the queues themselves.
+
+pub mod formats;
