@@ -331,11 +331,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
 /// checked even when TLS is off, so a typo does not wait for the day it is turned on.
 fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
     let manual = f.value("SSL_ENABLE", boolean)?.unwrap_or(false);
-    let cert = f.value("SSL_CERTIFICATE_FILE", non_empty)?.map(PathBuf::from);
-    let key = f.value("SSL_PRIVATE_KEY_FILE", non_empty)?.map(PathBuf::from);
+    let cert = f
+        .value("SSL_CERTIFICATE_FILE", non_empty)?
+        .map(PathBuf::from);
+    let key = f
+        .value("SSL_PRIVATE_KEY_FILE", non_empty)?
+        .map(PathBuf::from);
     let auto = f.value("SSL_AUTO_ENABLE", boolean)?.unwrap_or(false);
     let cache_dir = f.value("SSL_AUTO_CERTIFICATE_DIR", non_empty)?;
-    let email = f.value("SSL_AUTO_EMAIL", |s| Ok(Some(s.to_string()).filter(|s| !s.is_empty())))?;
+    let email = f.value("SSL_AUTO_EMAIL", |s| {
+        Ok(Some(s.to_string()).filter(|s| !s.is_empty()))
+    })?;
     let domains = f.value("SSL_AUTO_DOMAIN_NAMES", |s| {
         Ok(s.split(',')
             .map(str::trim)

@@ -55,8 +55,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map(|(_, per)| *per)
         .ok_or_else(bad)?;
     let nanos = u128::from(n) * per;
-    let secs = u64::try_from(nanos / 1_000_000_000)
-        .map_err(|_| format!("duration `{s}` is too large"))?;
+    let secs =
+        u64::try_from(nanos / 1_000_000_000).map_err(|_| format!("duration `{s}` is too large"))?;
     // The remainder is below 10^9, so it fits in u32.
     let sub = (nanos % 1_000_000_000) as u32;
     Ok(Duration::new(secs, sub))
@@ -70,7 +70,7 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".to_string();
     }
     for (unit, per) in NANOS_PER {
-        if nanos % per == 0 && !(unit == "d" && nanos / per == 1) {
+        if nanos.is_multiple_of(per) && !(unit == "d" && nanos / per == 1) {
             return format!("{}{unit}", nanos / per);
         }
     }
@@ -110,7 +110,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 pub fn format_size(bytes: usize) -> String {
     let b = bytes as u64;
     for (unit, per) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if b != 0 && b % per == 0 {
+        if b != 0 && b.is_multiple_of(per) {
             return format!("{}{unit}", b / per);
         }
     }
@@ -122,9 +122,8 @@ pub fn format_size(bytes: usize) -> String {
 /// error: a rate of nothing would stall whatever it paces.
 pub fn parse_rate(s: &str) -> Result<u32, String> {
     let t = s.trim();
-    let bad = || {
-        format!("invalid rate `{s}`: expected COUNT/s, COUNT/m or COUNT/h (e.g. 200/s, 50/m)")
-    };
+    let bad =
+        || format!("invalid rate `{s}`: expected COUNT/s, COUNT/m or COUNT/h (e.g. 200/s, 50/m)");
     let (count, per) = match t.split_once('/') {
         Some((count, unit)) => {
             let per: u64 = match unit.trim() {
@@ -194,7 +193,9 @@ mod tests {
             assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
         }
         assert!(parse_duration("99999999999999999999d").is_err());
-        assert!(parse_duration("999999999999999d").unwrap_err().contains("too large"));
+        assert!(parse_duration("999999999999999d")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
@@ -240,7 +241,9 @@ mod tests {
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("1.5MiB").is_err());
         assert!(parse_size("-1").is_err());
-        assert!(parse_size("3 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("3 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!(parse_size("99999999999999999GiB")
             .unwrap_err()
             .contains("too large"));

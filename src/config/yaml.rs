@@ -22,9 +22,9 @@ use serde_yaml::{Mapping, Value};
 
 use super::units::{self, format_duration, format_size};
 use super::{
-    AccessLog, AcmeConfig, Admin, Algorithm, Config, ConfigError, Limits, Listener, LogConfig,
-    Loaded, QueueConfig, Retries, Routing, Scheme, ServerSettings, Timeouts, TlsConfig, Upstream,
-    UpstreamHost,
+    AccessLog, AcmeConfig, Admin, Algorithm, Config, ConfigError, Limits, Listener, Loaded,
+    LogConfig, QueueConfig, Retries, Routing, Scheme, ServerSettings, Timeouts, TlsConfig,
+    Upstream, UpstreamHost,
 };
 use crate::queue::formats::{RequestFormat, RequestFormats};
 
@@ -101,11 +101,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let upstreams = raw
         .upstreams
         .ok_or_else(|| ConfigError::new(path, None, "no upstreams configured"))?;
-    let listen = raw
-        .listen
-        .unwrap_or_else(|| vec![Listener {
+    let listen = raw.listen.unwrap_or_else(|| {
+        vec![Listener {
             addr: DEFAULT_LISTEN.to_string(),
-        }]);
+        }]
+    });
     let mut c = defaults(listen, upstreams);
     c.tls = raw.tls;
     set(&mut c.upstream_host, raw.upstream_host);
@@ -147,7 +147,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         set(&mut c.server.pid_file, s.pid_file);
         set(&mut c.server.upgrade_sock, s.upgrade_sock);
         set(&mut c.server.grace_period, s.grace_period);
-        set(&mut c.server.graceful_shutdown_timeout, s.graceful_shutdown_timeout);
+        set(
+            &mut c.server.graceful_shutdown_timeout,
+            s.graceful_shutdown_timeout,
+        );
     }
     Ok(Loaded {
         config: c,
@@ -177,7 +180,10 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
 // === raw structs: the file's shape, every key optional ===
 
 #[derive(Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a map of weir settings (see conf/weir.yaml)"
+)]
 struct RawConfig {
     #[serde(default, deserialize_with = "de_listen")]
     listen: Option<Vec<Listener>>,
@@ -201,7 +207,7 @@ struct RawConfig {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of routing settings")]
 struct RawRouting {
     #[serde(default, deserialize_with = "de_algorithm")]
     algorithm: Option<Algorithm>,
@@ -212,7 +218,7 @@ struct RawRouting {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of retry settings")]
 struct RawRetries {
     #[serde(default, deserialize_with = "de_u32")]
     max_attempts: Option<u32>,
@@ -221,7 +227,7 @@ struct RawRetries {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of timeouts")]
 struct RawTimeouts {
     #[serde(default, deserialize_with = "de_positive_duration")]
     connect: Option<Duration>,
@@ -232,7 +238,7 @@ struct RawTimeouts {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of limits")]
 struct RawLimits {
     #[serde(default, deserialize_with = "de_positive_usize")]
     concurrency_peak: Option<usize>,
@@ -241,7 +247,7 @@ struct RawLimits {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of queue settings")]
 struct RawQueue {
     enabled: Option<bool>,
     #[serde(default, deserialize_with = "de_formats")]
@@ -273,14 +279,14 @@ impl RawQueue {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of admin settings")]
 struct RawAdmin {
     #[serde(default, deserialize_with = "de_addr_or_off")]
     listen: Option<Option<String>>,
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of log settings")]
 struct RawLog {
     #[serde(default, deserialize_with = "de_level")]
     level: Option<String>,
@@ -291,7 +297,7 @@ struct RawLog {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map of server settings")]
 struct RawServer {
     #[serde(default, deserialize_with = "de_positive_usize")]
     threads: Option<usize>,
@@ -304,7 +310,7 @@ struct RawServer {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a tls block")]
 struct RawTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -313,7 +319,7 @@ struct RawTls {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an acme block")]
 struct RawAcme {
     directory: Option<String>,
     email: Option<String>,
@@ -325,7 +331,7 @@ struct RawAcme {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an upstream map with `url`")]
 struct RawUpstream {
     #[serde(deserialize_with = "de_upstream_url")]
     url: Upstream,
@@ -355,7 +361,9 @@ pub fn check_listen_addr(s: &str) -> Result<String, String> {
     } else if host.contains(':') {
         return Err(bad("an IPv6 address needs brackets (e.g. [::1]:5252)"));
     } else if host.is_empty() {
-        return Err(bad("the host is missing (use 0.0.0.0:PORT for every interface)"));
+        return Err(bad(
+            "the host is missing (use 0.0.0.0:PORT for every interface)",
+        ));
     } else if !is_host_name(host) {
         return Err(bad(&format!("`{host}` is not an IP address or host name")));
     }
@@ -408,7 +416,10 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
             .map_err(|_| bad(&format!("`{v6}` is not an IPv6 address")))?;
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(|| bad("expected `:port` after `]`"))?),
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| bad("expected `:port` after `]`"))?,
+            ),
         };
         (v6, port)
     } else {
@@ -606,19 +617,31 @@ fn de_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 }
 
 fn de_positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    scalar(d, Scalar::new("a whole number of at least 1", parse_positive_u32))
+    scalar(
+        d,
+        Scalar::new("a whole number of at least 1", parse_positive_u32),
+    )
 }
 
 fn de_positive_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    scalar(d, Scalar::new("a whole number of at least 1", parse_positive_usize))
+    scalar(
+        d,
+        Scalar::new("a whole number of at least 1", parse_positive_usize),
+    )
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    scalar(d, Scalar::new("a duration such as 250ms or 5s", units::parse_duration))
+    scalar(
+        d,
+        Scalar::new("a duration such as 250ms or 5s", units::parse_duration),
+    )
 }
 
 fn de_positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    scalar(d, Scalar::new("a duration such as 5s", parse_positive_duration))
+    scalar(
+        d,
+        Scalar::new("a duration such as 5s", parse_positive_duration),
+    )
 }
 
 fn de_duration_or_off<'de, D: Deserializer<'de>>(
@@ -631,7 +654,10 @@ fn de_duration_or_off<'de, D: Deserializer<'de>>(
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    scalar(d, Scalar::new("a size such as 64KiB or 1MiB", units::parse_size))
+    scalar(
+        d,
+        Scalar::new("a size such as 64KiB or 1MiB", units::parse_size),
+    )
 }
 
 fn de_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -716,9 +742,11 @@ struct Status(u16);
 
 impl ScalarValue for Status {
     fn scalar() -> Scalar<Self> {
-        Scalar::new("an HTTP status (100-599)", |s| match s.trim().parse::<u16>() {
-            Ok(n @ 100..=599) => Ok(Status(n)),
-            _ => Err(format!("`{s}` is not an HTTP status (100-599)")),
+        Scalar::new("an HTTP status (100-599)", |s| {
+            match s.trim().parse::<u16>() {
+                Ok(n @ 100..=599) => Ok(Status(n)),
+                _ => Err(format!("`{s}` is not an HTTP status (100-599)")),
+            }
         })
     }
 }
@@ -870,9 +898,7 @@ impl ScalarValue for HeaderText {
 }
 
 /// `response_headers:` is a map, kept in file order; names are unique (case-insensitively).
-fn de_headers<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Vec<(String, String)>>, D::Error> {
+fn de_headers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<(String, String)>>, D::Error> {
     struct V;
     impl<'de> Visitor<'de> for V {
         type Value = Vec<(String, String)>;
@@ -969,8 +995,16 @@ pub fn to_yaml(config: &Config) -> String {
     root.insert(s("listen"), listen);
     if let Some(tls) = &c.tls {
         let mut t = Mapping::new();
-        opt(&mut t, "cert", tls.cert.as_ref().map(|p| p.display().to_string()));
-        opt(&mut t, "key", tls.key.as_ref().map(|p| p.display().to_string()));
+        opt(
+            &mut t,
+            "cert",
+            tls.cert.as_ref().map(|p| p.display().to_string()),
+        );
+        opt(
+            &mut t,
+            "key",
+            tls.key.as_ref().map(|p| p.display().to_string()),
+        );
         if let Some(a) = &tls.acme {
             let mut m = Mapping::new();
             opt(&mut m, "directory", a.directory.clone());
@@ -979,7 +1013,11 @@ pub fn to_yaml(config: &Config) -> String {
                 s("domains"),
                 Value::Sequence(a.domains.iter().map(|d| s(d)).collect()),
             );
-            opt(&mut m, "cache_dir", a.cache_dir.as_ref().map(|p| p.display().to_string()));
+            opt(
+                &mut m,
+                "cache_dir",
+                a.cache_dir.as_ref().map(|p| p.display().to_string()),
+            );
             m.insert(s("renew_before"), s(&format_duration(a.renew_before)));
             t.insert(s("acme"), Value::Mapping(m));
         }
@@ -1040,7 +1078,10 @@ pub fn to_yaml(config: &Config) -> String {
         "limits",
         [
             ("concurrency_peak", Value::from(c.limits.concurrency_peak)),
-            ("max_buffered_body", s(&format_size(c.limits.max_buffered_body))),
+            (
+                "max_buffered_body",
+                s(&format_size(c.limits.max_buffered_body)),
+            ),
         ],
     );
     root.insert(s("deferred_queue"), queue(&c.deferred_queue));
@@ -1080,7 +1121,10 @@ pub fn to_yaml(config: &Config) -> String {
             ("pid_file", s(&srv.pid_file.display().to_string())),
             ("upgrade_sock", s(&srv.upgrade_sock.display().to_string())),
             ("grace_period", dur(srv.grace_period)),
-            ("graceful_shutdown_timeout", dur(srv.graceful_shutdown_timeout)),
+            (
+                "graceful_shutdown_timeout",
+                dur(srv.graceful_shutdown_timeout),
+            ),
         ],
     );
     serde_yaml::to_string(&Value::Mapping(root))

@@ -102,12 +102,16 @@ impl RequestFormat {
                 ))
             }
             Some(r) if r.len() > 1 && r.ends_with('!') => {
-                return Err(bad("put a space before `!` to exclude (e.g. `POST /orders !`)"))
+                return Err(bad(
+                    "put a space before `!` to exclude (e.g. `POST /orders !`)",
+                ))
             }
             Some(r) => match r.strip_suffix("/*") {
                 Some(prefix) if !prefix.contains('*') => RoutePattern::Below(prefix.into()),
                 _ if r.contains('*') => {
-                    return Err(bad("`*` is only allowed as a final `/*` (e.g. `GET /api/*`)"))
+                    return Err(bad(
+                        "`*` is only allowed as a final `/*` (e.g. `GET /api/*`)",
+                    ))
                 }
                 _ => RoutePattern::Exactly(r.into()),
             },
