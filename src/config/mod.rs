@@ -61,7 +61,7 @@ pub struct Loaded {
     pub warnings: Vec<ConfigWarning>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// Listening addresses of the proxy (at least one).
     pub listen: Vec<Listener>,

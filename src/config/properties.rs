@@ -1,0 +1,395 @@
+//! ServiceQ's `sq.properties`, read as is into a [`Config`].
+//!
+//! The file is `KEY=value` lines and `#` comments. ServiceQ is lenient in ways that hide
+//! mistakes: it panics on a line without `=`, drops the text after a second `=`, ignores
+//! `KEY = value` (spaces around the key), turns an unparsable number into 0 and ignores unknown
+//! keys. weir reports each of these as an error with its line number instead, so a file either
+//! means what it says or is refused.
+//!
+//! Keys not given take the native defaults ([`super::yaml::defaults`]); the mapping to native
+//! keys is the table in `interface.md`. Keys weir reads but does not act on yet produce a
+//! warning ([`not_supported_yet`]), not an error, so existing files keep loading.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::yaml::{self, check_header, check_listen_addr, parse_upstream};
+use super::{AcmeConfig, ConfigError, ConfigWarning, Listener, Loaded, TlsConfig, Upstream};
+use crate::queue::formats::RequestFormats;
+
+/// Every key weir understands in sq.properties.
+const KEYS: &[&str] = &[
+    "LISTENER_PORT",
+    "LISTENER_ADDR",
+    "PROTO",
+    "ENDPOINTS",
+    "CONCURRENCY_PEAK",
+    "OUTGOING_REQUEST_TIMEOUT",
+    "RETRY_GAP",
+    "ENABLE_DEFERRED_Q",
+    "ENABLE_UPFRONT_Q",
+    "Q_REQUEST_FORMATS",
+    "DEFERRED_Q_REQUEST_FORMATS",
+    "CUSTOM_RESPONSE_HEADERS",
+    "KEEP_ALIVE_TIMEOUT",
+    "SSL_ENABLE",
+    "SSL_CERTIFICATE_FILE",
+    "SSL_PRIVATE_KEY_FILE",
+    "SSL_AUTO_ENABLE",
+    "SSL_AUTO_CERTIFICATE_DIR",
+    "SSL_AUTO_EMAIL",
+    "SSL_AUTO_DOMAIN_NAMES",
+    "SSL_AUTO_RENEW_BEFORE",
+    "METRICS_LISTENER",
+];
+
+/// ServiceQ's default listener port.
+const DEFAULT_PORT: u16 = 5252;
+
+/// Warned when a TLS key turns TLS on.
+pub const TLS_NOT_SUPPORTED_YET: &str =
+    "TLS termination is not supported yet; the listener stays plain HTTP";
+/// Warned when a queue is turned on.
+pub const QUEUES_NOT_SUPPORTED_YET: &str =
+    "queues are not supported yet; failed requests are answered, not queued";
+
+/// The warning for a `KEY=value` that weir accepts but does not act on yet, if any. The one
+/// place to edit when TLS or the queues land.
+pub fn not_supported_yet(key: &str, value: &str) -> Option<&'static str> {
+    let on = value.trim().eq_ignore_ascii_case("true");
+    match key {
+        "SSL_ENABLE" | "SSL_AUTO_ENABLE" if on => Some(TLS_NOT_SUPPORTED_YET),
+        "ENABLE_DEFERRED_Q" | "ENABLE_UPFRONT_Q" if on => Some(QUEUES_NOT_SUPPORTED_YET),
+        _ => None,
+    }
+}
+
+/// One `KEY=value` line.
+struct Entry<'a> {
+    line: usize,
+    value: &'a str,
+}
+
+/// The file's lines, checked for shape and indexed by key.
+struct Lines<'a> {
+    path: &'a Path,
+    entries: HashMap<&'a str, Entry<'a>>,
+}
+
+impl<'a> Lines<'a> {
+    fn read(path: &'a Path, text: &'a str) -> Result<Self, ConfigError> {
+        let mut entries: HashMap<&str, Entry> = HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let err = |msg: String| ConfigError::new(path, Some(line), msg);
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let (key, value) = raw.split_once('=').ok_or_else(|| {
+                err(format!(
+                    "expected KEY=value, found `{trimmed}` (ServiceQ would crash on this line)"
+                ))
+            })?;
+            if key != key.trim() {
+                return Err(err(format!(
+                    "remove the spaces around the key `{}`: write `{}=...` \
+                     (ServiceQ silently ignores this line)",
+                    key.trim(),
+                    key.trim()
+                )));
+            }
+            if key.is_empty() {
+                return Err(err("a key is missing before `=`".to_string()));
+            }
+            if value.contains('=') {
+                return Err(err(format!(
+                    "a second `=` in the value of {key} (ServiceQ drops everything after it)"
+                )));
+            }
+            if !KEYS.contains(&key) {
+                return Err(err(format!("unknown key `{key}`")));
+            }
+            if let Some(first) = entries.get(key) {
+                return Err(err(format!(
+                    "duplicate key `{key}` (first set on line {})",
+                    first.line
+                )));
+            }
+            entries.insert(
+                key,
+                Entry {
+                    line,
+                    value: value.trim(),
+                },
+            );
+        }
+        Ok(Lines { path, entries })
+    }
+
+    fn get(&self, key: &str) -> Option<&Entry<'a>> {
+        self.entries.get(key)
+    }
+
+    fn error(&self, line: Option<usize>, msg: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.path, line, msg)
+    }
+
+    /// Parses the value of `key` with `parse`, if the key is present; errors name key and line.
+    fn value<T>(
+        &self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(e) => parse(e.value)
+                .map(Some)
+                .map_err(|why| self.error(Some(e.line), format!("{key}: {why}"))),
+        }
+    }
+}
+
+fn integer(s: &str) -> Result<i64, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not a whole number (ServiceQ would silently use 0)"))
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    match integer(s)? {
+        n if n < 0 => Err(format!("`{s}` must not be negative")),
+        n => Ok(Duration::from_secs(n.unsigned_abs())),
+    }
+}
+
+fn boolean(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("`{s}` is not true or false")),
+    }
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("the value is empty".to_string())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// `ENDPOINTS`: comma-separated upstream URLs.
+fn endpoints(s: &str) -> Result<Vec<Upstream>, String> {
+    let mut out: Vec<Upstream> = Vec::new();
+    for item in s.split(',') {
+        if item.trim().is_empty() {
+            return Err("an empty entry (two commas in a row, or a comma at an end)".to_string());
+        }
+        let u = parse_upstream(item)?;
+        if out.iter().any(|o| o.url == u.url) {
+            return Err(format!("upstream `{}` is listed twice", u.url));
+        }
+        out.push(u);
+    }
+    Ok(out)
+}
+
+/// `CUSTOM_RESPONSE_HEADERS`: `Name: value` entries separated by `|`; a bare `Server` means
+/// `Server: weir`.
+fn response_headers(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    if s.is_empty() {
+        return Ok(out);
+    }
+    for item in s.split('|').map(str::trim) {
+        let (name, value) = match item.split_once(':') {
+            Some((n, v)) => (n.trim(), v.trim()),
+            None if item.eq_ignore_ascii_case("Server") => ("Server", "weir"),
+            None if item.is_empty() => {
+                return Err("an empty entry (two `|` in a row, or one at an end)".to_string())
+            }
+            None => return Err(format!("`{item}` is not `Name: value`")),
+        };
+        check_header(name, value)?;
+        if out.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return Err(format!("header `{name}` is set twice"));
+        }
+        out.push((name.to_string(), value.to_string()));
+    }
+    Ok(out)
+}
+
+/// Reads a ServiceQ `sq.properties` file. `path` is only used to label errors.
+pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let f = Lines::read(path, text)?;
+    let mut warnings = Vec::new();
+    for (key, e) in &f.entries {
+        if let Some(w) = not_supported_yet(key, e.value) {
+            warnings.push(ConfigWarning {
+                line: Some(e.line),
+                message: format!("{key}: {w}"),
+            });
+        }
+    }
+    warnings.sort_by_key(|w| w.line);
+
+    let upstreams = f
+        .value("ENDPOINTS", endpoints)?
+        .ok_or_else(|| f.error(None, "no upstreams configured (ENDPOINTS is missing)"))?;
+
+    let port = f
+        .value("LISTENER_PORT", |s| {
+            integer(s).and_then(|n| {
+                u16::try_from(n).map_err(|_| format!("`{s}` is not a port number (0-65535)"))
+            })
+        })?
+        .unwrap_or(DEFAULT_PORT);
+    let host = f.value("LISTENER_ADDR", non_empty)?;
+    let host = host.unwrap_or_else(|| "0.0.0.0".to_string());
+    let addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let addr = check_listen_addr(&addr).map_err(|why| {
+        let line = f.get("LISTENER_ADDR").map(|e| e.line);
+        f.error(line, format!("LISTENER_ADDR: {why}"))
+    })?;
+
+    let mut c = yaml::defaults(vec![Listener { addr }], upstreams);
+
+    f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
+        "http" | "https" => Ok(()),
+        _ => Err(format!("`{s}` is not http or https")),
+    })?;
+    if let Some(peak) = f.value("CONCURRENCY_PEAK", |s| match integer(s)? {
+        n if n >= 1 => usize::try_from(n).map_err(|_| format!("`{s}` is too large")),
+        _ => Err(format!("`{s}` must be at least 1")),
+    })? {
+        c.limits.concurrency_peak = peak;
+        c.deferred_queue.capacity = peak;
+    }
+    if let Some(t) = f.value("OUTGOING_REQUEST_TIMEOUT", integer)? {
+        c.timeouts.request = u64::try_from(t)
+            .ok()
+            .filter(|t| *t > 0)
+            .map(Duration::from_secs);
+    }
+    if let Some(gap) = f.value("RETRY_GAP", seconds)? {
+        c.retries.gap = gap;
+    }
+    if let Some(k) = f.value("KEEP_ALIVE_TIMEOUT", seconds)? {
+        c.timeouts.keepalive = k;
+    }
+    if let Some(on) = f.value("ENABLE_DEFERRED_Q", boolean)? {
+        c.deferred_queue.enabled = on;
+    }
+    if let Some(on) = f.value("ENABLE_UPFRONT_Q", boolean)? {
+        c.upfront_queue.enabled = on;
+    }
+
+    let formats = match (
+        f.get("Q_REQUEST_FORMATS"),
+        f.get("DEFERRED_Q_REQUEST_FORMATS"),
+    ) {
+        (Some(new), Some(old)) => {
+            return Err(f.error(
+                Some(new.line.max(old.line)),
+                format!(
+                    "both Q_REQUEST_FORMATS (line {}) and its old name DEFERRED_Q_REQUEST_FORMATS \
+                     (line {}) are set; keep only Q_REQUEST_FORMATS",
+                    new.line, old.line
+                ),
+            ))
+        }
+        (Some(_), None) => f.value("Q_REQUEST_FORMATS", RequestFormats::parse_csv)?,
+        (None, Some(_)) => f.value("DEFERRED_Q_REQUEST_FORMATS", RequestFormats::parse_csv)?,
+        (None, None) => None,
+    }
+    .unwrap_or_else(RequestFormats::all);
+    c.deferred_queue.formats = formats.clone();
+    c.upfront_queue.formats = formats;
+
+    if let Some(h) = f.value("CUSTOM_RESPONSE_HEADERS", response_headers)? {
+        c.response_headers = h;
+    }
+    if let Some(admin) = f.value("METRICS_LISTENER", |s| match s {
+        "off" => Ok(None),
+        a => check_listen_addr(a).map(Some),
+    })? {
+        c.admin.listen = admin;
+    }
+    c.tls = tls(&f)?;
+    Ok(Loaded {
+        config: c,
+        warnings,
+    })
+}
+
+/// `SSL_ENABLE` (cert and key files) and `SSL_AUTO_*` (ACME) → `tls`. The other SSL keys are
+/// checked even when TLS is off, so a typo does not wait for the day it is turned on.
+fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
+    let manual = f.value("SSL_ENABLE", boolean)?.unwrap_or(false);
+    let cert = f
+        .value("SSL_CERTIFICATE_FILE", non_empty)?
+        .map(PathBuf::from);
+    let key = f
+        .value("SSL_PRIVATE_KEY_FILE", non_empty)?
+        .map(PathBuf::from);
+    let auto = f.value("SSL_AUTO_ENABLE", boolean)?.unwrap_or(false);
+    let cache_dir = f.value("SSL_AUTO_CERTIFICATE_DIR", non_empty)?;
+    let email = f.value("SSL_AUTO_EMAIL", |s| {
+        Ok(Some(s.to_string()).filter(|s| !s.is_empty()))
+    })?;
+    let domains = f.value("SSL_AUTO_DOMAIN_NAMES", |s| {
+        Ok(s.split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>())
+    })?;
+    let renew = f.value("SSL_AUTO_RENEW_BEFORE", |s| match integer(s)? {
+        n if n >= 1 => Ok(Duration::from_secs(n.unsigned_abs().saturating_mul(86_400))),
+        _ => Err(format!("`{s}` must be at least 1 (days)")),
+    })?;
+
+    let mut tls = TlsConfig {
+        cert: None,
+        key: None,
+        acme: None,
+    };
+    if manual {
+        let line = f.get("SSL_ENABLE").map(|e| e.line);
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                tls.cert = Some(cert);
+                tls.key = Some(key);
+            }
+            (None, _) => {
+                return Err(f.error(line, "SSL_ENABLE=true needs SSL_CERTIFICATE_FILE"));
+            }
+            (_, None) => {
+                return Err(f.error(line, "SSL_ENABLE=true needs SSL_PRIVATE_KEY_FILE"));
+            }
+        }
+    }
+    if auto {
+        let domains = domains.unwrap_or_default();
+        if domains.is_empty() {
+            let line = f.get("SSL_AUTO_ENABLE").map(|e| e.line);
+            return Err(f.error(line, "SSL_AUTO_ENABLE=true needs SSL_AUTO_DOMAIN_NAMES"));
+        }
+        tls.acme = Some(AcmeConfig {
+            directory: None,
+            email: email.flatten(),
+            domains,
+            cache_dir: cache_dir.map(PathBuf::from),
+            renew_before: renew.unwrap_or(yaml::DEFAULT_RENEW_BEFORE),
+        });
+    }
+    Ok((manual || auto).then_some(tls))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,420 @@
+use super::*;
+use crate::config::DEFAULT_YAML;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("weir.yaml"), text).map(|l| l.config)
+}
+
+fn ok(text: &str) -> Config {
+    load(text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"))
+}
+
+/// Asserts a load error on `line` whose message contains every needle.
+fn err_at(text: &str, line: Option<usize>, needles: &[&str]) {
+    match load(text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => {
+            assert_eq!(e.line, line, "{e}");
+            assert_eq!(e.file, PathBuf::from("weir.yaml"));
+            for n in needles {
+                assert!(e.message.contains(n), "`{n}` not in: {e}");
+            }
+        }
+    }
+}
+
+const MINIMAL: &str = "upstreams: [http://127.0.0.1:9001]\n";
+
+#[test]
+fn embedded_default_yaml_parses_to_the_documented_values() {
+    let c = ok(DEFAULT_YAML);
+    assert_eq!(
+        c.listen,
+        vec![Listener {
+            addr: "127.0.0.1:5252".into()
+        }]
+    );
+    let urls: Vec<_> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
+    assert_eq!(
+        urls,
+        [
+            "http://127.0.0.1:9001",
+            "http://127.0.0.1:9002",
+            "http://127.0.0.1:9003"
+        ]
+    );
+    assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:9100"));
+    assert_eq!(c.log.error_file, Some(PathBuf::from("logs/weir_error.log")));
+    assert_eq!(c.response_headers, vec![("Server".into(), "weir".into())]);
+    // Apart from listen, upstreams and the Server header, the file is the code's defaults.
+    let mut d = defaults(c.listen.clone(), c.upstreams.clone());
+    d.response_headers = c.response_headers.clone();
+    assert_eq!(c, d);
+}
+
+#[test]
+fn shipped_sq_properties_parses() {
+    let text = include_str!("../../../conf/sq.properties");
+    let loaded = crate::config::properties::parse(Path::new("conf/sq.properties"), text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.config.upstreams.len(), 3);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn a_minimal_file_takes_every_default() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.listen[0].addr, DEFAULT_LISTEN);
+    assert_eq!(c.timeouts.connect, Duration::from_secs(1));
+    assert_eq!(c.timeouts.request, Some(Duration::from_secs(5)));
+    assert_eq!(c.timeouts.keepalive, Duration::from_secs(120));
+    assert_eq!(c.routing.failure_statuses, vec![502, 503, 504]);
+    assert_eq!(c.routing.decay_half_life, Duration::from_secs(10));
+    assert_eq!(c.limits.concurrency_peak, 2048);
+    assert_eq!(c.limits.max_buffered_body, 1 << 20);
+    assert!(c.deferred_queue.enabled);
+    assert_eq!(
+        c.deferred_queue.formats.entries(),
+        ["POST", "PUT", "PATCH", "DELETE"]
+    );
+    assert_eq!(c.deferred_queue.ttl, Duration::from_secs(86_400));
+    assert_eq!(c.deferred_queue.replay_rate, 200);
+    assert!(!c.upfront_queue.enabled);
+    assert_eq!(c.upfront_queue.formats, RequestFormats::none());
+    assert_eq!(c.upfront_queue.capacity, 2048);
+    assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:9100"));
+    assert_eq!(c.log.access, AccessLog::Stdout);
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.server.threads, 2);
+    assert_eq!(c.server.pid_file, PathBuf::from("/tmp/weir.pid"));
+    assert!(c.tls.is_none());
+    assert!(c.response_headers.is_empty());
+}
+
+#[test]
+fn missing_upstreams_is_an_error() {
+    err_at("", None, &["no upstreams configured"]);
+    err_at("{}", None, &["no upstreams configured"]);
+    err_at("# only a comment\n", None, &["no upstreams configured"]);
+    err_at(
+        "listen: 127.0.0.1:1\nupstreams: []\n",
+        Some(2),
+        &["no upstreams"],
+    );
+}
+
+#[test]
+fn an_unknown_key_is_an_error_naming_it_and_its_line() {
+    err_at(
+        "upstreams: [http://127.0.0.1:9001]\ntimeouts:\n  conect: 1s\n",
+        Some(3),
+        &["conect"],
+    );
+    // The position moved out of the message into the error's line.
+    let e = load("upstream: []\n")
+        .err()
+        .map(|e| e.message)
+        .unwrap_or_default();
+    assert!(!e.contains(" at line "), "{e}");
+    err_at(
+        "upstream: [http://127.0.0.1:9001]\n",
+        Some(1),
+        &["upstream`"],
+    );
+    err_at(
+        "upstreams:\n  - url: http://127.0.0.1:9001\n    wieght: 2\n",
+        Some(3),
+        &["wieght"],
+    );
+}
+
+#[test]
+fn listen_takes_one_address_or_a_list() {
+    let c = ok(
+        "listen: [\"127.0.0.1:1\", \"[::1]:2\", \"localhost:3\"]\nupstreams: [http://127.0.0.1:9]",
+    );
+    let addrs: Vec<_> = c.listen.iter().map(|l| l.addr.as_str()).collect();
+    assert_eq!(addrs, ["127.0.0.1:1", "[::1]:2", "localhost:3"]);
+    err_at("listen: []\n", Some(1), &["at least one"]);
+    err_at("listen: 5252\n", Some(1), &["expected host:port"]);
+    err_at(
+        "listen:\n  - 1.2.3.4:5\n  - ::1:5\n",
+        Some(3),
+        &["brackets"],
+    );
+    err_at("listen: 1.2.3.4:99999\n", Some(1), &["not a port"]);
+    err_at("listen: \":80\"\n", Some(1), &["host is missing"]);
+    err_at("listen: [a:1, a:1]\n", Some(1), &["twice"]);
+}
+
+#[test]
+fn upstream_urls_are_normalised_and_resolved() {
+    let c = ok("upstreams:\n  - http://127.0.0.1\n  - HTTPS://[::1]/\n  - url: http://LOCALHOST:8080\n    weight: 3\n    tls_verify: false\n    sni: api.local\n    ca: /ca.pem\n");
+    let u = &c.upstreams;
+    assert_eq!(u[0].url, "http://127.0.0.1:80");
+    assert_eq!(u[0].port, 80);
+    assert_eq!(
+        u[0].addr,
+        "127.0.0.1:80".parse().unwrap_or_else(|e| panic!("{e}"))
+    );
+    assert_eq!((u[0].weight, u[0].tls_verify), (1, true));
+    assert_eq!(u[1].url, "https://[::1]:443");
+    assert_eq!((u[1].scheme, u[1].host.as_str()), (Scheme::Https, "::1"));
+    assert_eq!(u[2].url, "http://localhost:8080");
+    assert_eq!((u[2].weight, u[2].tls_verify), (3, false));
+    assert_eq!(u[2].sni.as_deref(), Some("api.local"));
+    assert_eq!(u[2].ca, Some(PathBuf::from("/ca.pem")));
+}
+
+#[test]
+fn bad_upstreams_are_errors_at_their_line() {
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            "upstreams:\n  - ftp://127.0.0.1\n",
+            2,
+            "http:// or https://",
+        ),
+        ("upstreams:\n  - 127.0.0.1:80\n", 2, "http:// or https://"),
+        (
+            "upstreams:\n  - http://127.0.0.1/api\n",
+            2,
+            "the path `/api`",
+        ),
+        ("upstreams:\n  - http://127.0.0.1:0\n", 2, "port"),
+        ("upstreams:\n  - http://:80\n", 2, "host is missing"),
+        (
+            "upstreams:\n  - http://no_such_host.invalid\n",
+            2,
+            "cannot resolve",
+        ),
+        (
+            "upstreams:\n  - url: http://127.0.0.1\n    weight: 0\n",
+            3,
+            "at least 1",
+        ),
+        ("upstreams:\n  - weight: 2\n", 2, "missing field `url`"),
+        (
+            "upstreams:\n  - http://127.0.0.1:80\n  - http://127.0.0.1\n",
+            2,
+            "listed twice",
+        ),
+    ];
+    for (text, line, needle) in cases {
+        err_at(text, Some(*line), &[needle]);
+    }
+}
+
+#[test]
+fn request_timeout_can_be_turned_off() {
+    for off in ["off", "none", "0", "0ms", "~"] {
+        let c = ok(&format!("{MINIMAL}timeouts:\n  request: {off}\n"));
+        assert_eq!(c.timeouts.request, None, "{off}");
+    }
+    let c = ok(&format!("{MINIMAL}timeouts:\n  request: 250ms\n"));
+    assert_eq!(c.timeouts.request, Some(Duration::from_millis(250)));
+}
+
+#[test]
+fn bad_values_are_errors_at_their_line_naming_the_key() {
+    let cases: &[(&str, usize, &[&str])] = &[
+        (
+            "timeouts:\n  connect: 0s\n",
+            3,
+            &["timeouts.connect", "longer than 0"],
+        ),
+        ("timeouts:\n  connect: 5\n", 3, &["unit is required"]),
+        ("routing:\n  decay_half_life: 0\n", 3, &["longer than 0"]),
+        (
+            "routing:\n  algorithm: roundrobin\n",
+            3,
+            &["feedback, serviceq"],
+        ),
+        ("routing:\n  failure_statuses: [500, 600]\n", 3, &["`600`"]),
+        ("limits:\n  concurrency_peak: 0\n", 3, &["at least 1"]),
+        ("limits:\n  max_buffered_body: 1.5MiB\n", 3, &["KiB"]),
+        ("deferred_queue:\n  replay_rate: 0/s\n", 3, &["at least 1"]),
+        (
+            "deferred_queue:\n  replay_concurrency: 0\n",
+            3,
+            &["at least 1"],
+        ),
+        ("deferred_queue:\n  capacity: -1\n", 3, &["at least 1"]),
+        ("deferred_queue:\n  enabled: yes\n", 3, &["boolean"]),
+        (
+            "upfront_queue:\n  formats:\n    - POST\n    - FOO BAR BAZ\n",
+            5,
+            &["FOO BAR BAZ"],
+        ),
+        ("retries:\n  max_attempts: many\n", 3, &["whole number"]),
+        ("upstream_host: sometimes\n", 2, &["keep, rewrite"]),
+        ("response_headers:\n  Bad Name: x\n", 3, &["Bad Name"]),
+        ("log:\n  level: loud\n", 3, &["trace"]),
+        ("admin:\n  listen: 9100\n", 3, &["host:port"]),
+        ("server:\n  threads: 0\n", 3, &["at least 1"]),
+    ];
+    for (tail, line, needles) in cases {
+        err_at(&format!("{MINIMAL}{tail}"), Some(*line), needles);
+    }
+}
+
+#[test]
+fn queues_read_every_field() {
+    let c = ok(&format!(
+        "{MINIMAL}upfront_queue:\n  enabled: true\n  formats: [POST /events, POST /events/debug !]\n  capacity: 10\n  max_attempts: 3\n  ttl: 1h\n  replay_unsafe: true\n  replay_rate: 120/m\n  replay_concurrency: 4\n"
+    ));
+    let q = &c.upfront_queue;
+    assert!(q.enabled && q.replay_unsafe);
+    assert!(q.formats.matches("post", "/events?x=1"));
+    assert!(!q.formats.matches("POST", "/events/debug"));
+    assert_eq!(
+        (
+            q.capacity,
+            q.max_attempts,
+            q.replay_rate,
+            q.replay_concurrency
+        ),
+        (10, 3, 2, 4)
+    );
+    assert_eq!(q.ttl, Duration::from_secs(3600));
+    // The other queue keeps its defaults.
+    assert_eq!(c.deferred_queue, defaults(vec![], vec![]).deferred_queue);
+}
+
+#[test]
+fn formats_accept_a_comma_separated_string_and_empty_means_none() {
+    let c = ok(&format!(
+        "{MINIMAL}deferred_queue:\n  formats: \"POST /orders !, POST\"\n"
+    ));
+    assert!(!c.deferred_queue.formats.matches("POST", "/orders"));
+    assert!(c.deferred_queue.formats.matches("POST", "/pay"));
+    for empty in ["[]", "\"\"", "~"] {
+        let c = ok(&format!("{MINIMAL}deferred_queue:\n  formats: {empty}\n"));
+        assert_eq!(c.deferred_queue.formats, RequestFormats::none(), "{empty}");
+    }
+}
+
+#[test]
+fn response_headers_keep_file_order_and_reject_duplicates() {
+    let c = ok(&format!(
+        "{MINIMAL}response_headers:\n  X-B: two\n  Server: weir\n  X-A: 1\n"
+    ));
+    let names: Vec<_> = c.response_headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["X-B", "Server", "X-A"]);
+    assert_eq!(c.response_headers[2].1, "1");
+    err_at(
+        &format!("{MINIMAL}response_headers:\n  X-A: 1\n  x-a: 2\n"),
+        Some(3),
+        &["set twice"],
+    );
+}
+
+#[test]
+fn admin_and_logs_can_be_turned_off() {
+    let c = ok(&format!(
+        "{MINIMAL}admin:\n  listen: off\nlog:\n  access: off\n  error_file: off\n  level: debug\n"
+    ));
+    assert_eq!(c.admin.listen, None);
+    assert_eq!(c.log.access, AccessLog::Off);
+    assert_eq!(c.log.error_file, None);
+    assert_eq!(c.log.level, "debug");
+    let c = ok(&format!(
+        "{MINIMAL}admin:\n  listen: ~\nlog:\n  access: /var/log/weir.jsonl\n"
+    ));
+    assert_eq!(c.admin.listen, None);
+    assert_eq!(c.log.access, AccessLog::File("/var/log/weir.jsonl".into()));
+}
+
+#[test]
+fn tls_needs_a_cert_and_key_pair_or_acme() {
+    let c = ok(&format!("{MINIMAL}tls:\n  cert: /c.pem\n  key: /k.pem\n"));
+    let tls = c.tls.unwrap_or_else(|| panic!("no tls"));
+    assert_eq!(
+        (tls.cert, tls.key),
+        (Some("/c.pem".into()), Some("/k.pem".into()))
+    );
+    let c = ok(&format!(
+        "{MINIMAL}tls:\n  acme: {{ email: a@b.c, domains: [a.example], cache_dir: /acme }}\n"
+    ));
+    let acme = c
+        .tls
+        .and_then(|t| t.acme)
+        .unwrap_or_else(|| panic!("no acme"));
+    assert_eq!(acme.domains, ["a.example"]);
+    assert_eq!(acme.renew_before, DEFAULT_RENEW_BEFORE);
+    err_at(
+        &format!("{MINIMAL}tls:\n  cert: /c.pem\n"),
+        Some(3),
+        &["tls.key is missing"],
+    );
+    err_at(
+        &format!("{MINIMAL}tls:\n  key: /k.pem\n"),
+        Some(3),
+        &["tls.cert is missing"],
+    );
+    err_at(&format!("{MINIMAL}tls: {{}}\n"), Some(2), &["cert", "acme"]);
+    err_at(
+        &format!("{MINIMAL}tls:\n  acme:\n    email: a@b.c\n"),
+        Some(4),
+        &["domains"],
+    );
+    err_at(
+        &format!("{MINIMAL}tls:\n  crt: /c.pem\n"),
+        Some(3),
+        &["crt"],
+    );
+}
+
+#[test]
+fn a_yaml_syntax_error_reports_its_line() {
+    err_at(
+        "upstreams:\n  - http://127.0.0.1:9001\n listen: x\n",
+        Some(3),
+        &[],
+    );
+    err_at("upstreams: [http://127.0.0.1:9001\n", Some(2), &[]);
+}
+
+#[test]
+fn to_yaml_reads_back_to_an_equal_config() {
+    let mut c = ok(DEFAULT_YAML);
+    assert_eq!(ok(&to_yaml(&c)), c);
+
+    // Every non-default shape: lists, maps, offs, odd units.
+    c.listen.push(Listener {
+        addr: "[::1]:5253".into(),
+    });
+    c.upstreams[1].weight = 5;
+    c.upstreams[1].sni = Some("b.local".into());
+    c.upstreams[2].tls_verify = false;
+    c.upstreams[2].ca = Some("/ca.pem".into());
+    c.tls = Some(TlsConfig {
+        cert: Some("/c.pem".into()),
+        key: Some("/k.pem".into()),
+        acme: Some(AcmeConfig {
+            directory: Some("https://acme.example/dir".into()),
+            email: None,
+            domains: vec!["a.example".into(), "b.example".into()],
+            cache_dir: Some("/acme".into()),
+            renew_before: Duration::from_secs(86_400),
+        }),
+    });
+    c.upstream_host = UpstreamHost::Rewrite;
+    c.routing.algorithm = Algorithm::Serviceq;
+    c.routing.failure_statuses = vec![500];
+    c.retries.gap = Duration::from_millis(1500);
+    c.timeouts.request = None;
+    c.limits.max_buffered_body = 1500;
+    c.upfront_queue.enabled = true;
+    c.upfront_queue.formats = RequestFormats::parse_csv("POST /events/*, ALL /events/x !")
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.deferred_queue.formats = RequestFormats::none();
+    c.response_headers = vec![
+        ("X-Num".into(), "42".into()),
+        ("Server".into(), "weir".into()),
+    ];
+    c.admin.listen = None;
+    c.log.access = AccessLog::File("/var/log/a.jsonl".into());
+    c.log.error_file = None;
+    let text = to_yaml(&c);
+    assert_eq!(ok(&text), c, "{text}");
+}
