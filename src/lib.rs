@@ -1,1 +1,1 @@
-//! weir: a fault-tolerant HTTP edge gateway on Pingora.
+pub mod routing;
