@@ -40,8 +40,10 @@
 //!
 //! `select`, `start` and `finish` take no lock and allocate nothing: each node's state is a few
 //! atomics on its own cache line (scores are packed with their timestamp and updated by CAS),
-//! and the weighted draw is two passes over the nodes (sum, then walk to the drawn point). If a
-//! concurrent update shrinks the weights between the passes, the last eligible node is taken.
+//! and the weighted draw computes each weight once into a stack buffer of running sums and
+//! binary-searches the drawn point. Above 1024 nodes it makes two passes instead (sum, then walk
+//! to the point); if a concurrent update shrinks the weights between them, the last eligible
+//! node is taken.
 
 mod clock;
 mod node;
@@ -269,7 +271,7 @@ impl Router {
             }
             Algorithm::Serviceq => {
                 let em = self.serviceq_em();
-                (0..n).map(|i| self.serviceq_weight(i, em) as f64).collect()
+                (0..n).map(|i| self.serviceq_weight(i, em)).collect()
             }
         };
         let sum: f64 = weights.iter().sum();
@@ -284,57 +286,13 @@ impl Router {
 
     fn select_feedback(&self, tried: &Tried, rand: f64) -> Option<usize> {
         let mut ctx = FeedbackPass::new(self);
-        let mut sum = 0.0;
-        let mut eligible = 0usize;
-        for i in 0..self.slots.len() {
-            if !tried.contains(i) {
-                eligible += 1;
-                sum += ctx.weight(i);
-            }
-        }
-        if eligible == 0 {
-            return None;
-        }
-        if !(sum > 0.0 && sum.is_finite()) {
-            return self.nth_untried(tried, (rand * eligible as f64) as usize);
-        }
-        let target = rand * sum;
-        let mut acc = 0.0;
-        let mut last = None;
-        for i in 0..self.slots.len() {
-            if tried.contains(i) {
-                continue;
-            }
-            let w = ctx.weight(i);
-            if w > 0.0 {
-                acc += w;
-                last = Some(i);
-                if acc > target {
-                    return Some(i);
-                }
-            }
-        }
-        // Weights shrank between the passes (or every weight is now 0).
-        last.or_else(|| self.nth_untried(tried, 0))
-    }
-
-    /// The `k`-th untried node, or the last one when fewer are left.
-    fn nth_untried(&self, tried: &Tried, k: usize) -> Option<usize> {
-        let untried = (0..self.slots.len()).filter(|&i| !tried.contains(i));
-        let mut last = None;
-        for (seen, i) in untried.enumerate() {
-            if seen == k {
-                return Some(i);
-            }
-            last = Some(i);
-        }
-        last
+        weighted_draw(self.slots.len(), tried, rand, |i| ctx.weight(i))
     }
 
     // --- serviceq ---
 
     /// `max_i floor((1 + e_i)^1.5)`, computed exactly in integers.
-    fn serviceq_em(&self) -> u128 {
+    fn serviceq_em(&self) -> u64 {
         let e_max = self
             .slots
             .iter()
@@ -344,38 +302,20 @@ impl Router {
         floor_pow_1_5(e_max)
     }
 
-    fn serviceq_weight(&self, node: usize, em: u128) -> u128 {
+    /// `ceil(Em / (1 + e_i)) × weight_i`, exact as an integer (≤ 2^92), then as `f64`.
+    fn serviceq_weight(&self, node: usize, em: u64) -> f64 {
         let Some(slot) = self.slots.get(node) else {
-            return 0;
+            return 0.0;
         };
-        let base = 1 + u128::from(slot.state.sq_errors().min(SQ_ERRORS_MAX));
-        em.div_ceil(base) * u128::from(slot.weight)
+        let base = 1 + slot.state.sq_errors().min(SQ_ERRORS_MAX);
+        (u128::from(em.div_ceil(base)) * u128::from(slot.weight)) as f64
     }
 
     fn select_serviceq_first(&self, rand: f64) -> Option<usize> {
-        let n = self.slots.len();
-        if n == 0 {
-            return None;
-        }
         let em = self.serviceq_em();
-        let sum: u128 = (0..n).map(|i| self.serviceq_weight(i, em)).sum();
-        if sum == 0 {
-            return Some(((rand * n as f64) as usize).min(n - 1));
-        }
-        let target = ((rand * sum as f64) as u128).min(sum - 1);
-        let mut acc = 0u128;
-        let mut last = None;
-        for i in 0..n {
-            let w = self.serviceq_weight(i, em);
-            if w > 0 {
-                acc += w;
-                last = Some(i);
-                if acc > target {
-                    return Some(i);
-                }
-            }
-        }
-        last
+        weighted_draw(self.slots.len(), &Tried::none(), rand, |i| {
+            self.serviceq_weight(i, em)
+        })
     }
 
     /// ServiceQ's retry order: attempt k goes to `(first + k) % n`, skipping tried nodes.
@@ -408,14 +348,120 @@ impl fmt::Debug for Router {
     }
 }
 
-/// ServiceQ counters beyond this are treated as this (keeps `(1+e)^3` inside u128).
+/// ServiceQ counters beyond this are treated as this (keeps `(1+e)^1.5` inside u64).
 const SQ_ERRORS_MAX: u64 = 1 << 40;
 
 /// `floor((1 + e)^1.5)` = `isqrt((1 + e)^3)`, exact where floating point might round across an
 /// integer.
-fn floor_pow_1_5(e: u64) -> u128 {
+fn floor_pow_1_5(e: u64) -> u64 {
     let base = 1 + u128::from(e.min(SQ_ERRORS_MAX));
-    (base * base * base).isqrt()
+    // ≤ 2^60.
+    u64::try_from((base * base * base).isqrt()).unwrap_or(u64::MAX)
+}
+
+// === weighted draw ===
+
+/// Picks an untried node with probability proportional to `weight`, the draw point being
+/// `rand × Σ weight`. Nodes of weight 0 are taken only when every untried weight is 0 (then
+/// uniformly). Up to 1024 nodes the weights are computed once into a stack buffer and the point
+/// found by binary search; beyond that, two passes recompute them.
+fn weighted_draw(
+    n: usize,
+    tried: &Tried,
+    rand: f64,
+    weight: impl FnMut(usize) -> f64,
+) -> Option<usize> {
+    if n <= 8 {
+        draw_buffered::<8>(n, tried, rand, weight)
+    } else if n <= 64 {
+        draw_buffered::<64>(n, tried, rand, weight)
+    } else if n <= 1024 {
+        draw_buffered::<1024>(n, tried, rand, weight)
+    } else {
+        draw_two_pass(n, tried, rand, weight)
+    }
+}
+
+fn draw_buffered<const N: usize>(
+    n: usize,
+    tried: &Tried,
+    rand: f64,
+    mut weight: impl FnMut(usize) -> f64,
+) -> Option<usize> {
+    let mut cumulative = [0.0f64; N];
+    let cumulative = &mut cumulative[..n.min(N)];
+    let mut sum = 0.0;
+    let mut eligible = 0usize;
+    for (i, c) in cumulative.iter_mut().enumerate() {
+        if !tried.contains(i) {
+            eligible += 1;
+            sum += weight(i);
+        }
+        *c = sum;
+    }
+    if eligible == 0 {
+        return None;
+    }
+    if !(sum > 0.0 && sum.is_finite()) {
+        return nth_untried(n, tried, (rand * eligible as f64) as usize);
+    }
+    // Tried and zero-weight nodes add nothing, so the first sum above the point is an untried
+    // node of positive weight; at the very top (rand = 1) take the last such node.
+    let point = rand * sum;
+    let above = cumulative.partition_point(|&c| c <= point);
+    if above < cumulative.len() {
+        Some(above)
+    } else {
+        Some(cumulative.partition_point(|&c| c < sum))
+    }
+}
+
+fn draw_two_pass(
+    n: usize,
+    tried: &Tried,
+    rand: f64,
+    mut weight: impl FnMut(usize) -> f64,
+) -> Option<usize> {
+    let mut sum = 0.0;
+    let mut eligible = 0usize;
+    for i in (0..n).filter(|&i| !tried.contains(i)) {
+        eligible += 1;
+        sum += weight(i);
+    }
+    if eligible == 0 {
+        return None;
+    }
+    if !(sum > 0.0 && sum.is_finite()) {
+        return nth_untried(n, tried, (rand * eligible as f64) as usize);
+    }
+    let point = rand * sum;
+    let mut acc = 0.0;
+    let mut last = None;
+    for i in (0..n).filter(|&i| !tried.contains(i)) {
+        let w = weight(i);
+        if w > 0.0 {
+            acc += w;
+            last = Some(i);
+            if acc > point {
+                return Some(i);
+            }
+        }
+    }
+    // Weights shrank between the passes (or every weight is now 0).
+    last.or_else(|| nth_untried(n, tried, 0))
+}
+
+/// The `k`-th untried node, or the last one when fewer are left.
+fn nth_untried(n: usize, tried: &Tried, k: usize) -> Option<usize> {
+    let untried = (0..n).filter(|&i| !tried.contains(i));
+    let mut last = None;
+    for (seen, i) in untried.enumerate() {
+        if seen == k {
+            return Some(i);
+        }
+        last = Some(i);
+    }
+    last
 }
 
 /// State shared by the passes of one feedback selection, so that both see the same clock
@@ -498,6 +544,13 @@ impl<'a> Tried<'a> {
             bits
         });
         Tried { list, bitmap }
+    }
+
+    fn none() -> Tried<'static> {
+        Tried {
+            list: &[],
+            bitmap: None,
+        }
     }
 
     fn contains(&self, node: usize) -> bool {

@@ -140,13 +140,14 @@ impl NodeState {
     fn observe_latency(&self, elapsed_us: u64, now_us: u64) {
         let sample = elapsed_us.max(1) as f64;
         let dt = now_us.saturating_sub(self.last_sample.swap(now_us, Relaxed));
-        let keep = (-(dt as f64) / LATENCY_DECAY_US).exp();
+        let mut keep = None;
         let mut current = self.latency.load(Relaxed);
         loop {
             let estimate = f64::from_bits(current);
             let next = if estimate <= 0.0 || sample >= estimate {
                 sample
             } else {
+                let keep = *keep.get_or_insert_with(|| (-(dt as f64) / LATENCY_DECAY_US).exp());
                 estimate * keep + sample * (1.0 - keep)
             };
             let next = next.to_bits();

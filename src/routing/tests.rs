@@ -389,6 +389,37 @@ fn feedback_retry_weighs_untried_nodes_like_the_first_attempt() {
 }
 
 #[test]
+fn buffered_and_two_pass_draws_pick_the_same_node() {
+    let mut rng = fastrand::Rng::with_seed(3);
+    for _ in 0..2_000 {
+        let n = rng.usize(1..=64);
+        let weights: Vec<f64> = (0..n)
+            .map(|_| if rng.u8(..) < 40 { 0.0 } else { rng.f64() })
+            .collect();
+        let tried_list: Vec<usize> = (0..rng.usize(0..=n)).map(|_| rng.usize(..n)).collect();
+        let tried = Tried::new(&tried_list, n);
+        for rand in [rng.f64(), 0.0, 1.0] {
+            assert_eq!(
+                draw_buffered::<64>(n, &tried, rand, |i| weights[i]),
+                draw_two_pass(n, &tried, rand, |i| weights[i]),
+                "{weights:?} {tried_list:?} {rand}"
+            );
+        }
+    }
+}
+
+#[test]
+fn clusters_beyond_the_buffer_draw_correctly() {
+    let mut weights = vec![1; 1500];
+    weights[1200] = 1499;
+    let (r, _) = router(&weights, Algorithm::Feedback);
+    let got = shares(&r, 5_000, 8, |node| succeed(&r, node, MS));
+    assert!((got[1200] - 0.5).abs() < 0.03, "{}", got[1200]);
+    let tried: Vec<usize> = (0..1500).filter(|&i| i != 700).collect();
+    assert_eq!(r.select(&tried, 0.99), Some(700));
+}
+
+#[test]
 fn long_retry_chains_over_many_nodes_use_the_bitmap() {
     let (r, _) = equal(100, Algorithm::Feedback);
     let tried: Vec<usize> = (0..99).collect();
