@@ -58,7 +58,7 @@ fn select_start_finish(c: &mut Criterion) {
     }
 }
 
-/// A second attempt: one node already tried.
+/// A second attempt (select only): one node already tried, all healthy.
 fn retry_select(c: &mut Criterion) {
     for (algorithm, name) in [
         (Algorithm::Feedback, "feedback"),
@@ -68,6 +68,9 @@ fn retry_select(c: &mut Criterion) {
         for n in SIZES {
             let r = router(n, algorithm);
             let mut rng = fastrand::Rng::with_seed(2);
+            for _ in 0..20 * n {
+                one_attempt(&r, &mut rng, false);
+            }
             group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
                 b.iter(|| {
                     let first = rng.usize(..n);

@@ -302,13 +302,14 @@ impl Router {
         floor_pow_1_5(e_max)
     }
 
-    /// `ceil(Em / (1 + e_i)) × weight_i`, exact as an integer (≤ 2^92), then as `f64`.
+    /// `ceil(Em / (1 + e_i)) × weight_i`: exact integers while the product stays under 2^53
+    /// (Em < 2^21, i.e. e < 16,000 failures at weight ≤ 2^32), rounded beyond.
     fn serviceq_weight(&self, node: usize, em: u64) -> f64 {
         let Some(slot) = self.slots.get(node) else {
             return 0.0;
         };
         let base = 1 + slot.state.sq_errors().min(SQ_ERRORS_MAX);
-        (u128::from(em.div_ceil(base)) * u128::from(slot.weight)) as f64
+        em.div_ceil(base) as f64 * f64::from(slot.weight)
     }
 
     fn select_serviceq_first(&self, rand: f64) -> Option<usize> {
