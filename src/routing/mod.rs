@@ -130,7 +130,8 @@ impl Router {
     /// when that is `Some` and in range; other nodes start fresh. Carried nodes share their
     /// live state with `old`, so attempts started on `old` before the swap still finish into
     /// it. An old node carried twice is shared by the first and copied (without in-flight)
-    /// into the others.
+    /// into the others. `clock` must be `old`'s clock (or share its origin): the carried
+    /// timestamps are on its time line.
     pub fn with_carried_state(
         weights: &[u32],
         settings: RouterSettings,
@@ -150,8 +151,7 @@ impl Router {
                 None => Arc::new(NodeState::default()),
             }
         });
-        let states: Vec<_> = states.collect();
-        Router::build(weights, states.into_iter(), settings, clock)
+        Router::build(weights, states, settings, clock)
     }
 
     fn build(

@@ -44,9 +44,12 @@ pub fn decay_factor(dt_us: u64, inv_half_life_us: f64) -> f64 {
     }
 }
 
+/// How one attempt on a node ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// A response header arrived with a status not counted as a failure.
     Success,
+    /// Connect error, timeout, reset, or a status counted as a failure.
     Failure,
 }
 
