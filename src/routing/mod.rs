@@ -228,6 +228,14 @@ impl Router {
         }
     }
 
+    /// The attempt on `node` ended for a reason that is not the node's (the client went away, a
+    /// stale pooled connection): in-flight -1, the score and latency are left alone.
+    pub fn cancel(&self, node: usize) {
+        if let Some(slot) = self.slots.get(node) {
+            slot.state.cancel();
+        }
+    }
+
     /// Current error score: the decayed feedback score, or ServiceQ's failure counter.
     pub fn error_score(&self, node: usize) -> f64 {
         let Some(slot) = self.slots.get(node) else {

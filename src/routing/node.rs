@@ -90,6 +90,13 @@ impl NodeState {
         }
     }
 
+    /// An attempt ended for reasons that are not the node's: in-flight -1, nothing learned.
+    pub fn cancel(&self) {
+        let _ = self
+            .inflight
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
     pub fn finish(&self, outcome: Outcome, elapsed_us: u64, now_us: u64, inv_half_life_us: f64) {
         // Saturating: a finish without a start must not wrap the count.
         let _ = self
