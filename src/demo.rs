@@ -62,7 +62,10 @@ pub fn run(listen: &str) -> Result<(), String> {
     let gateway = built.gateway.clone();
     let report_nodes = nodes.clone();
     println!("weir demo: gateway on http://{listen}, upstreams on 127.0.0.1:9001-9003");
-    println!("  node3 crashes for {FLAP_DOWN:?} every {:?}; clients should not notice.", FLAP_UP + FLAP_DOWN);
+    println!(
+        "  node3 crashes for {FLAP_DOWN:?} every {:?}; clients should not notice.",
+        FLAP_UP + FLAP_DOWN
+    );
     println!("  try:     curl -i http://{listen}/hello");
     println!("  load:    for i in $(seq 200); do curl -s http://{listen}/ ; done | sort | uniq -c");
     println!("  metrics: curl -s http://127.0.0.1:9100/metrics | grep weir_upstream");
@@ -78,7 +81,11 @@ pub fn run(listen: &str) -> Result<(), String> {
                 line.push_str(&format!(
                     "  {} {} {:>4} req, score {:.2}, p {:.2} |",
                     n.name,
-                    if n.up.load(Ordering::Relaxed) { "up  " } else { "DOWN" },
+                    if n.up.load(Ordering::Relaxed) {
+                        "up  "
+                    } else {
+                        "DOWN"
+                    },
                     served - last[i],
                     state.router.error_score(i),
                     p.get(i).copied().unwrap_or(0.0),

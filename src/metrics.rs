@@ -98,9 +98,8 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let requests = CODE_CLASSES.map(|code| {
-            OUTCOMES.map(|outcome| requests_vec.with_label_values(&[code, outcome]))
-        });
+        let requests = CODE_CLASSES
+            .map(|code| OUTCOMES.map(|outcome| requests_vec.with_label_values(&[code, outcome])));
         let duration_vec = register(
             &r,
             HistogramVec::new(
@@ -304,7 +303,8 @@ impl Metrics {
     /// Handles for one node, labelled with its normalised URL.
     pub fn node(&self, upstream: &str) -> NodeMetrics {
         NodeMetrics {
-            attempts: ATTEMPT_RESULTS.map(|result| self.attempts.with_label_values(&[upstream, result])),
+            attempts: ATTEMPT_RESULTS
+                .map(|result| self.attempts.with_label_values(&[upstream, result])),
             response_duration: self.response_duration.with_label_values(&[upstream]),
             error_rate: self.error_rate.with_label_values(&[upstream]),
             selection_probability: self.selection_probability.with_label_values(&[upstream]),
@@ -321,14 +321,15 @@ impl Metrics {
         let _ = self.selection_probability.remove_label_values(&[upstream]);
     }
 
-    /// One finished client request.
+    /// One finished client request. A request that got no response at all (the client went
+    /// away first, nginx's 499) is counted as 4xx.
     pub fn request_done(&self, status: u16, outcome: Outcome, seconds: f64) {
         let class = match status {
             100..=199 => 0,
             200..=299 => 1,
             300..=399 => 2,
-            400..=499 => 3,
-            _ => 4,
+            500..=599 => 4,
+            _ => 3,
         };
         self.requests[class][outcome as usize].inc();
         self.request_duration[outcome as usize].observe(seconds);

@@ -141,7 +141,6 @@ pub enum UpstreamHost {
     Rewrite,
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Routing {
     pub algorithm: Algorithm,

@@ -39,7 +39,9 @@ pub async fn capture(session: &mut Session, len: usize) -> Result<Bytes> {
         // The client waits for this before sending the body; the upstream must not see the
         // expectation since the body will arrive with the head.
         session.write_continue_response().await?;
-        session.req_header_mut().remove_header(&http::header::EXPECT);
+        session
+            .req_header_mut()
+            .remove_header(&http::header::EXPECT);
     }
     session.set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
     let mut copy = BytesMut::with_capacity(len);

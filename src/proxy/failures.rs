@@ -115,8 +115,14 @@ mod tests {
     fn connect_errors_mean_nothing_was_sent() {
         let refused = Error::new(ErrorType::ConnectRefused);
         let timed_out = Error::new(ErrorType::ConnectTimedout);
-        assert_eq!(Failure::from_connect_error(&refused), Failure::ConnectRefused);
-        assert_eq!(Failure::from_connect_error(&timed_out), Failure::ConnectTimeout);
+        assert_eq!(
+            Failure::from_connect_error(&refused),
+            Failure::ConnectRefused
+        );
+        assert_eq!(
+            Failure::from_connect_error(&timed_out),
+            Failure::ConnectTimeout
+        );
         assert!(Failure::ConnectRefused.nothing_sent());
         assert!(!Failure::Timeout.nothing_sent());
     }
@@ -134,12 +140,18 @@ mod tests {
 
     #[test]
     fn client_answers_follow_the_serviceq_table() {
-        assert_eq!(Failure::Timeout.client_answer(), Some((504, "Gateway Timeout")));
+        assert_eq!(
+            Failure::Timeout.client_answer(),
+            Some((504, "Gateway Timeout"))
+        );
         assert_eq!(
             Failure::ConnectRefused.client_answer(),
             Some((503, "Service Unavailable"))
         );
-        assert_eq!(Failure::BadResponse.client_answer(), Some((502, "Bad Gateway")));
+        assert_eq!(
+            Failure::BadResponse.client_answer(),
+            Some((502, "Bad Gateway"))
+        );
         assert_eq!(Failure::Status(503).client_answer(), None);
         assert_eq!(Failure::Status(503).label(), "status");
     }

@@ -257,8 +257,7 @@ impl ProxyHttp for Gateway {
         }
 
         let req = session.req_header();
-        ctx.replay_safe =
-            is_idempotent(&req.method) || req.headers.contains_key("idempotency-key");
+        ctx.replay_safe = is_idempotent(&req.method) || req.headers.contains_key("idempotency-key");
         if ctx.replay_safe {
             if let Some(len) = body::content_length(session) {
                 if len > 0 && len <= ctx.state.config.limits.max_buffered_body {
@@ -418,9 +417,8 @@ impl ProxyHttp for Gateway {
             e.set_retry(retry);
             return e;
         }
-        let stale = client_reused
-            && matches!(e.retry, RetryType::ReusedOnly)
-            && !response_started(session);
+        let stale =
+            client_reused && matches!(e.retry, RetryType::ReusedOnly) && !response_started(session);
         if stale && ctx.stale_retries < MAX_STALE_RETRIES {
             // A pooled connection the node had already closed: not the node's fault, and it may
             // be picked again.
@@ -483,9 +481,7 @@ impl ProxyHttp for Gateway {
                     ErrorType::HTTPStatus(s) if *s >= 400 && *s < 500 => {
                         Answer::new(*s, "Bad Request")
                     }
-                    _ if *e.esource() == ErrorSource::Upstream => {
-                        Answer::new(502, "Bad Gateway")
-                    }
+                    _ if *e.esource() == ErrorSource::Upstream => Answer::new(502, "Bad Gateway"),
                     _ => Answer::new(500, "Internal Error"),
                 },
             },

@@ -101,7 +101,9 @@ mod tests {
     #[test]
     fn client_ids_must_be_short_and_printable() {
         assert!(acceptable_request_id(&HeaderValue::from_static("abc-123")));
-        assert!(!acceptable_request_id(&HeaderValue::from_static("has space")));
+        assert!(!acceptable_request_id(&HeaderValue::from_static(
+            "has space"
+        )));
         assert!(!acceptable_request_id(
             &HeaderValue::from_str(&"x".repeat(201)).unwrap()
         ));
@@ -109,6 +111,9 @@ mod tests {
 
     #[test]
     fn bodies_keep_the_serviceq_key() {
-        assert_eq!(&body_of("Request Discarded")[..], br#"{"sq_msg":"Request Discarded"}"#);
+        assert_eq!(
+            &body_of("Request Discarded")[..],
+            br#"{"sq_msg":"Request Discarded"}"#
+        );
     }
 }

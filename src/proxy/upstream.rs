@@ -139,7 +139,10 @@ pub fn prepare_request(
     }
     req.insert_header(XFP, "http")?;
     if let Some(id) = request_id {
-        req.insert_header(HeaderName::from_static(super::respond::X_REQUEST_ID), id.clone())?;
+        req.insert_header(
+            HeaderName::from_static(super::respond::X_REQUEST_ID),
+            id.clone(),
+        )?;
     }
     if host_mode == UpstreamHost::Rewrite {
         req.insert_header(http::header::HOST, node.host_header.clone())?;
