@@ -16,12 +16,17 @@
 //!   half-lives of silence bring any node back to e = 0.9, h = 0.5: at least half its fair
 //!   share, without needing a lucky request to succeed first.
 //! * **Latency**: a peak EWMA of time-to-response-header on successful attempts (a slower
-//!   sample replaces the estimate, a faster one pulls it down with a 2 s time constant over
+//!   sample replaces the estimate, a faster one pulls it down with a 300 ms time constant over
 //!   elapsed time). Failures never feed it, so a node that refuses fast does not look fast.
+//!   Without fresh samples, the excess of a node's estimate over its peers' mean fades with the
+//!   same time constant, so a node that was slow (or whose stuck requests completed late after
+//!   a hang) wins its traffic back through time alone.
 //! * **Outstanding work**: attempts in flight, and the time of the node's last progress (a
 //!   finish, or going from idle to busy). A busy node with no progress for
-//!   max(20 ms, 8 × its latency) is *stalled* and its latency is taken as at least that age, so a
-//!   hung node loses traffic within tens of milliseconds rather than after a timeout.
+//!   max(1 ms, 4 × its latency) is *stalled*: while any untried node is not, it gets no new
+//!   attempts at all (its weight is scaled by 10⁻⁹). Every request sent to a hung node holds a
+//!   client for a whole timeout, so the hang must cost as few requests as possible; a false
+//!   alarm costs nothing but a brief shift of traffic, since the first completion clears it.
 //!
 //! Node i is chosen with probability proportional to
 //! `configured_weight_i × h(e_i) / (latency_i × (inflight_i + 1))` (Finagle's and Linkerd's
@@ -62,9 +67,11 @@ use node::NodeState;
 /// Score scale at which the health factor is one half.
 const HEALTH_KNEE: f64 = 0.9;
 /// Minimum time without progress before a busy node counts as stalled (µs).
-const STALL_FLOOR_US: f64 = 20_000.0;
+const STALL_FLOOR_US: f64 = 1_000.0;
 /// A busy node is stalled after this many latency estimates without progress.
-const STALL_FACTOR: f64 = 8.0;
+const STALL_FACTOR: f64 = 4.0;
+/// Weight multiplier of a stalled node: chosen only when every alternative is stalled too.
+const STALLED_PENALTY: f64 = 1e-9;
 /// Latency assumed when no node has a sample yet (µs).
 const DEFAULT_LATENCY_US: f64 = 1_000.0;
 /// Above this many tried nodes, membership is looked up in a bitmap rather than the slice.
@@ -479,6 +486,7 @@ struct FeedbackPass<'a> {
     router: &'a Router,
     now: Option<u64>,
     mean_latency: Option<f64>,
+    min_latency: Option<f64>,
 }
 
 impl<'a> FeedbackPass<'a> {
@@ -487,11 +495,22 @@ impl<'a> FeedbackPass<'a> {
             router,
             now: None,
             mean_latency: None,
+            min_latency: None,
         }
     }
 
     fn now(&mut self) -> u64 {
         *self.now.get_or_insert_with(|| self.router.clock.now_us())
+    }
+
+    fn min_latency(&mut self) -> f64 {
+        let slots = &self.router.slots;
+        *self.min_latency.get_or_insert_with(|| {
+            slots
+                .iter()
+                .filter_map(|s| s.state.latency_us())
+                .fold(f64::INFINITY, f64::min)
+        })
     }
 
     fn mean_latency(&mut self) -> f64 {
@@ -523,16 +542,28 @@ impl<'a> FeedbackPass<'a> {
         let score = state.score(|| self.now(), router.inv_half_life_us);
         let inflight = state.inflight();
         let mut latency = match state.latency_us() {
-            Some(l) => l,
+            Some(l) => {
+                let best = self.min_latency();
+                if l > best {
+                    // The excess over the fastest node fades while no sample refreshes it.
+                    let idle = self.now().saturating_sub(state.last_sample_us()) as f64;
+                    best + (l - best) * (-idle / node::LATENCY_DECAY_US).exp()
+                } else {
+                    l
+                }
+            }
             None => self.mean_latency(),
         };
+        let mut penalty = 1.0;
         if inflight > 0 {
             let age = self.now().saturating_sub(state.last_progress_us()) as f64;
             if age > STALL_FLOOR_US.max(STALL_FACTOR * latency) {
                 latency = latency.max(age);
+                penalty = STALLED_PENALTY;
             }
         }
-        f64::from(slot.weight) * health_factor(score) / (latency * (f64::from(inflight) + 1.0))
+        penalty * f64::from(slot.weight) * health_factor(score)
+            / (latency * (f64::from(inflight) + 1.0))
     }
 }
 

@@ -11,7 +11,7 @@ pub const SCORE_CAP: f64 = 3.6;
 /// Fraction of the score a success keeps.
 pub const SUCCESS_KEEP: f64 = 0.8;
 /// Time constant with which the latency estimate follows samples below it (µs).
-pub const LATENCY_DECAY_US: f64 = 2_000_000.0;
+pub const LATENCY_DECAY_US: f64 = 300_000.0;
 
 // The feedback score is packed with the time it was last written, so that decay and update
 // happen in one CAS: low 16 bits = score in units of 1/2^14 (max 3.99994 ≥ SCORE_CAP), high
@@ -195,6 +195,11 @@ impl NodeState {
     pub fn latency_us(&self) -> Option<f64> {
         let estimate = f64::from_bits(self.latency.load(Relaxed));
         (estimate > 0.0).then_some(estimate)
+    }
+
+    /// When the latency estimate last took a sample (µs).
+    pub fn last_sample_us(&self) -> u64 {
+        self.last_sample.load(Relaxed)
     }
 
     pub fn last_progress_us(&self) -> u64 {

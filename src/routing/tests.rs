@@ -335,10 +335,48 @@ fn busy_node_is_not_stalled_while_it_makes_progress() {
     succeed(&r, 0, MS);
     succeed(&r, 1, MS);
     r.start(0);
-    clock.advance(Duration::from_millis(15));
-    // Below max(20 ms, 8 × 1 ms): only the in-flight term applies (cost 2 vs 1).
+    clock.advance(Duration::from_millis(3));
+    // Below max(1 ms, 4 × 1 ms): only the in-flight term applies (cost 2 vs 1).
     let p = r.selection_probabilities();
     assert!((p[0] - 1.0 / 3.0).abs() < 1e-9, "{p:?}");
+}
+
+#[test]
+fn stalled_node_gets_no_new_attempts_while_another_node_is_fine() {
+    let (r, clock) = equal(3, Algorithm::Feedback);
+    for node in 0..3 {
+        succeed(&r, node, MS);
+    }
+    r.start(1);
+    clock.advance(Duration::from_millis(5));
+    let p = r.selection_probabilities();
+    assert!(p[1] < 1e-6, "{p:?}");
+    // As a retry with both healthy nodes tried, the stalled node is still a candidate.
+    assert_eq!(r.select(&[0, 2], 0.5), Some(1));
+    // Its first completion clears the stall.
+    r.finish(1, Outcome::Success, Duration::from_millis(5));
+    let p = r.selection_probabilities();
+    assert!(p[1] > 0.05, "{p:?}");
+}
+
+#[test]
+fn node_whose_late_answers_inflated_its_latency_regains_traffic_through_time() {
+    let (r, clock) = equal(3, Algorithm::Feedback);
+    for node in 0..3 {
+        succeed(&r, node, MS);
+    }
+    // Requests stuck for 2 s on node 1 complete at once when it resumes.
+    r.start(1);
+    r.finish(1, Outcome::Success, Duration::from_secs(2));
+    assert!(r.selection_probabilities()[1] < 0.01);
+    // No traffic luck: nobody sends it anything for three seconds, peers keep sampling.
+    for _ in 0..300 {
+        clock.advance(Duration::from_millis(10));
+        succeed(&r, 0, MS);
+        succeed(&r, 2, MS);
+    }
+    let p = r.selection_probabilities();
+    assert!(p[1] > 0.5 / 3.0, "{p:?}");
 }
 
 // --- retries ---
