@@ -262,3 +262,53 @@ async fn concurrency_peak_of_two_answers_429_to_the_third_and_fourth_request() {
         "rejected requests never reach the upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_node_loses_traffic_before_its_timeout_fires() {
+    let a = Upstream::start("a").await;
+    let hung = Upstream::start("hung").await;
+    let b = Upstream::start("b").await;
+    let gw = std::sync::Arc::new(
+        Gateway::builder()
+            .upstreams([&a, &hung, &b])
+            .yaml("timeouts: {request: 2s}")
+            .start()
+            .await,
+    );
+    // Warm up: every node has answered, so the router knows their latency.
+    for i in 0..30 {
+        assert_eq!(gw.get(&format!("/warm/{i}")).await.status, 200);
+    }
+    // 24 clients in parallel: a router that learned only from timeouts (or from in-flight counts
+    // alone) would park most of them on the hung node for 2 s each; one that notices the stall
+    // stops sending it anything within a few requests. The node hangs once traffic flows.
+    let mut clients = Vec::new();
+    let warm = a.count() + b.count();
+    for c in 0..24 {
+        let gw = gw.clone();
+        clients.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let resp = gw.get(&format!("/c{c}/{i}")).await;
+                assert_eq!(resp.status, 200, "client {c} request {i}: {}", resp.text());
+            }
+        }));
+    }
+    a.wait_for_count(a.count().max(warm / 2) + 40, Duration::from_secs(10))
+        .await;
+    hung.hang();
+    let before = hung.count();
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let stuck = hung.count() - before;
+    eprintln!("hung node received {stuck} requests");
+    assert!(
+        stuck <= 10,
+        "the hung node received {stuck} of 480 requests before its first timeout fired"
+    );
+    assert_eq!(
+        a.count() + b.count() + before,
+        30 + 480,
+        "every request answered once"
+    );
+}

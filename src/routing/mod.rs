@@ -22,8 +22,10 @@
 //!   same time constant, so a node that was slow (or whose stuck requests completed late after
 //!   a hang) wins its traffic back through time alone.
 //! * **Outstanding work**: attempts in flight, and the time of the node's last progress (a
-//!   finish, or going from idle to busy). A busy node with no progress for
-//!   max(1 ms, 4 × its latency) is *stalled*: while any untried node is not, it gets no new
+//!   finish, or going from idle to busy). A node with k attempts in flight and no progress for
+//!   max(250 µs, 4 × latency / k) (latency: the lower of its own estimate and the fastest
+//!   node's), or while the other nodes finished max(8, 3 per node) attempts, is *stalled*:
+//!   while any untried node is not, it gets no new
 //!   attempts at all (its weight is scaled by 10⁻⁹). Every request sent to a hung node holds a
 //!   client for a whole timeout, so the hang must cost as few requests as possible; a false
 //!   alarm costs nothing but a brief shift of traffic, since the first completion clears it.
@@ -56,6 +58,7 @@ mod node;
 mod tests;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,9 +70,12 @@ use node::NodeState;
 /// Score scale at which the health factor is one half.
 const HEALTH_KNEE: f64 = 0.9;
 /// Minimum time without progress before a busy node counts as stalled (µs).
-const STALL_FLOOR_US: f64 = 1_000.0;
-/// A busy node is stalled after this many latency estimates without progress.
+const STALL_FLOOR_US: f64 = 250.0;
+/// A busy node is stalled after this many expected answer intervals without progress.
 const STALL_FACTOR: f64 = 4.0;
+/// Attempts the other nodes finish (at least) while a busy node finishes none before it counts
+/// as stalled; scaled up to 3 per node for larger clusters.
+const STALL_PEER_COMPLETIONS: u64 = 8;
 /// Weight multiplier of a stalled node: chosen only when every alternative is stalled too.
 const STALLED_PENALTY: f64 = 1e-9;
 /// Latency assumed when no node has a sample yet (µs).
@@ -123,6 +129,8 @@ pub struct Router {
     settings: RouterSettings,
     inv_half_life_us: f64,
     clock: Arc<dyn Clock>,
+    /// Attempts finished on any node (shared with routers built from this one on reload).
+    completions: Arc<AtomicU64>,
 }
 
 // === impl Router ===
@@ -158,7 +166,9 @@ impl Router {
                 None => Arc::new(NodeState::default()),
             }
         });
-        Router::build(weights, states, settings, clock)
+        let mut router = Router::build(weights, states, settings, clock);
+        router.completions = Arc::clone(&old.completions);
+        router
     }
 
     fn build(
@@ -178,6 +188,7 @@ impl Router {
             settings,
             inv_half_life_us: 1.0 / half_life_us, // +inf for 0: any elapsed time forgets all
             clock,
+            completions: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -220,7 +231,8 @@ impl Router {
     /// An attempt was sent to `node` (in-flight +1). Out-of-range nodes are ignored.
     pub fn start(&self, node: usize) {
         if let Some(slot) = self.slots.get(node) {
-            slot.state.start(|| self.clock.now_us());
+            slot.state
+                .start(|| self.clock.now_us(), self.completions.load(Relaxed));
         }
     }
 
@@ -230,8 +242,9 @@ impl Router {
         if let Some(slot) = self.slots.get(node) {
             let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
             let now = self.clock.now_us();
+            let completions = self.completions.fetch_add(1, Relaxed) + 1;
             slot.state
-                .finish(outcome, elapsed_us, now, self.inv_half_life_us);
+                .finish(outcome, elapsed_us, now, self.inv_half_life_us, completions);
         }
     }
 
@@ -556,8 +569,20 @@ impl<'a> FeedbackPass<'a> {
         };
         let mut penalty = 1.0;
         if inflight > 0 {
+            // A healthy node with `inflight` attempts answers one about every
+            // latency / inflight; measured against the fastest node's latency (its own peak
+            // estimate includes queueing), so piling-up requests are noticed sooner.
+            let reference = latency.min(self.min_latency());
+            let threshold = STALL_FLOOR_US.max(STALL_FACTOR * reference / f64::from(inflight));
             let age = self.now().saturating_sub(state.last_progress_us()) as f64;
-            if age > STALL_FLOOR_US.max(STALL_FACTOR * latency) {
+            // Or: its peers finished many attempts meanwhile and it finished none, whatever
+            // the clock says (this holds when weir itself is the bottleneck, too).
+            let peers_done = router
+                .completions
+                .load(Relaxed)
+                .saturating_sub(state.progress_mark());
+            let stall_peers = STALL_PEER_COMPLETIONS.max(3 * router.slots.len() as u64);
+            if age > threshold || (age > STALL_FLOOR_US && peers_done >= stall_peers) {
                 latency = latency.max(age);
                 penalty = STALLED_PENALTY;
             }

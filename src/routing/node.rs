@@ -68,6 +68,8 @@ pub struct NodeState {
     last_sample: AtomicU64,
     /// Last finish, or the moment in-flight went from 0 to 1 (µs).
     last_progress: AtomicU64,
+    /// The router's completion count at this node's last progress.
+    progress_mark: AtomicU64,
     inflight: AtomicU32,
 }
 
@@ -80,13 +82,15 @@ impl NodeState {
             latency: AtomicU64::new(self.latency.load(Relaxed)),
             last_sample: AtomicU64::new(self.last_sample.load(Relaxed)),
             last_progress: AtomicU64::new(self.last_progress.load(Relaxed)),
+            progress_mark: AtomicU64::new(self.progress_mark.load(Relaxed)),
             inflight: AtomicU32::new(0),
         }
     }
 
-    pub fn start(&self, now: impl FnOnce() -> u64) {
+    pub fn start(&self, now: impl FnOnce() -> u64, completions: u64) {
         if self.inflight.fetch_add(1, Relaxed) == 0 {
             self.last_progress.store(now(), Relaxed);
+            self.progress_mark.store(completions, Relaxed);
         }
     }
 
@@ -97,12 +101,20 @@ impl NodeState {
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
     }
 
-    pub fn finish(&self, outcome: Outcome, elapsed_us: u64, now_us: u64, inv_half_life_us: f64) {
+    pub fn finish(
+        &self,
+        outcome: Outcome,
+        elapsed_us: u64,
+        now_us: u64,
+        inv_half_life_us: f64,
+        completions: u64,
+    ) {
         // Saturating: a finish without a start must not wrap the count.
         let _ = self
             .inflight
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
         self.last_progress.store(now_us, Relaxed);
+        self.progress_mark.store(completions, Relaxed);
         match outcome {
             Outcome::Failure => {
                 self.sq_errors.fetch_add(1, Relaxed);
@@ -202,6 +214,11 @@ impl NodeState {
         self.last_sample.load(Relaxed)
     }
 
+    /// The router's completion count when this node last made progress.
+    pub fn progress_mark(&self) -> u64 {
+        self.progress_mark.load(Relaxed)
+    }
+
     pub fn last_progress_us(&self) -> u64 {
         self.last_progress.load(Relaxed)
     }
@@ -227,25 +244,25 @@ mod tests {
     #[test]
     fn finish_without_start_keeps_inflight_at_zero() {
         let node = NodeState::default();
-        node.finish(Outcome::Success, 10, 10, 1e-7);
+        node.finish(Outcome::Success, 10, 10, 1e-7, 0);
         assert_eq!(node.inflight(), 0);
     }
 
     #[test]
     fn failures_do_not_feed_latency() {
         let node = NodeState::default();
-        node.finish(Outcome::Failure, 5, 10, 1e-7);
+        node.finish(Outcome::Failure, 5, 10, 1e-7, 0);
         assert_eq!(node.latency_us(), None);
-        node.finish(Outcome::Success, 5_000, 20, 1e-7);
-        node.finish(Outcome::Failure, 5, 30, 1e-7);
+        node.finish(Outcome::Success, 5_000, 20, 1e-7, 0);
+        node.finish(Outcome::Failure, 5, 30, 1e-7, 0);
         assert_eq!(node.latency_us(), Some(5_000.0));
     }
 
     #[test]
     fn latency_estimate_jumps_to_peaks_and_decays_with_time() {
         let node = NodeState::default();
-        node.finish(Outcome::Success, 1_000, 1_000, 1e-7);
-        node.finish(Outcome::Success, 50_000, 2_000, 1e-7);
+        node.finish(Outcome::Success, 1_000, 1_000, 1e-7, 0);
+        node.finish(Outcome::Success, 50_000, 2_000, 1e-7, 0);
         assert_eq!(node.latency_us(), Some(50_000.0));
         // One time constant later a fast sample removes 1 - 1/e of the gap.
         node.finish(
@@ -253,6 +270,7 @@ mod tests {
             1_000,
             2_000 + LATENCY_DECAY_US as u64,
             1e-7,
+            0,
         );
         let expected = 1_000.0 + 49_000.0 / std::f64::consts::E;
         let got = node.latency_us().unwrap_or(0.0);

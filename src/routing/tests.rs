@@ -593,3 +593,22 @@ fn concurrent_traffic_keeps_counts_consistent() {
         assert!((total - 1.0).abs() < 1e-9);
     }
 }
+
+#[test]
+fn node_that_finishes_nothing_while_its_peers_finish_many_is_stalled() {
+    // Latency estimates inflated by queueing (100 ms) would delay a time-based verdict; the
+    // peers' progress does not wait for it.
+    let (r, clock) = equal(3, Algorithm::Feedback);
+    for node in 0..3 {
+        succeed(&r, node, Duration::from_millis(100));
+    }
+    r.start(1);
+    clock.advance(Duration::from_millis(1));
+    assert!(r.selection_probabilities()[1] > 0.1);
+    for _ in 0..5 {
+        succeed(&r, 0, Duration::from_millis(100));
+        succeed(&r, 2, Duration::from_millis(100));
+    }
+    let p = r.selection_probabilities();
+    assert!(p[1] < 1e-6, "{p:?}");
+}
