@@ -34,6 +34,9 @@ fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
         // weir bounds attempts itself (retries.max_attempts); this is only a backstop.
         max_retries: config.attempts_per_request() + 4,
         daemon: opts.daemon,
+        // One worker thread gains nothing from tokio's work-stealing scheduler and pays for it
+        // on every wake-up; Pingora's per-thread runtime is cheaper.
+        work_stealing: s.threads > 1,
         ..ServerConf::default()
     }
 }

@@ -210,6 +210,10 @@ fn is_idempotent(method: &http::Method) -> bool {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    /// No downstream modules: weir compresses nothing, and Pingora's default (a disabled
+    /// compression module) still costs an allocation per request.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             state: self.state(),
