@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod proxy;
 /// Request formats (and, later, the deferred and upfront queues).
 pub mod queue;
+/// Config reload: read, validate, swap atomically (SIGHUP, `weir reload`).
+pub mod reload;
 /// Error-feedback routing: pure logic, injected clock.
 pub mod routing;
 /// Assembles the Pingora server and its services.

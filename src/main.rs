@@ -42,6 +42,11 @@ enum Command {
         #[arg(short = 'c', long = "conf")]
         config: PathBuf,
     },
+    /// Validate a config file and signal the running weir (via its pid file) to reload it.
+    Reload {
+        #[arg(short = 'c', long = "conf", default_value = "conf/weir.yaml")]
+        config: PathBuf,
+    },
     /// Print the native YAML equivalent of a ServiceQ sq.properties file.
     Convert { file: PathBuf },
     /// Built-in demo: three local upstreams (one flaps) and the gateway.
@@ -82,15 +87,23 @@ fn main() -> ExitCode {
             };
             print_warnings(&config, &loaded.warnings);
             let mut cfg = loaded.config;
+            let mut listen_override = None;
             if let Some(addr) = listen {
                 if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str()) {
                     eprintln!("weir: --listen {addr}: not a host:port address ({e})");
                     return ExitCode::from(2);
                 }
                 cfg.listen = vec![weir::config::Listener { addr }];
+                listen_override = Some(cfg.listen.clone());
             }
             weir::init_logging(&cfg.log.level);
-            match weir::server::build(cfg, &RunOptions { upgrade, daemon }) {
+            let opts = RunOptions {
+                upgrade,
+                daemon,
+                config_path: Some(config.clone()),
+                listen_override,
+            };
+            match weir::server::build(cfg, &opts) {
                 Ok(built) => built.server.run_forever(),
                 Err(e) => {
                     eprintln!("weir: {}: {e}", config.display());
@@ -113,6 +126,27 @@ fn main() -> ExitCode {
             eprintln!("weir: {}: ok", config.display());
             ExitCode::SUCCESS
         }
+        Command::Reload { config } => {
+            let loaded = match load(&config) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            print_warnings(&config, &loaded.warnings);
+            let pid_file = &loaded.config.server.pid_file;
+            match signal_pid_file(pid_file, libc_sighup()) {
+                Ok(pid) => {
+                    eprintln!("weir: {}: ok, sent SIGHUP to pid {pid}", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "weir: cannot signal the running weir ({}): {e}",
+                        pid_file.display()
+                    );
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Convert { file } => {
             let loaded = match load(&file) {
                 Ok(l) => l,
@@ -129,5 +163,28 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+const fn libc_sighup() -> i32 {
+    1
+}
+
+/// Sends `signal` to the pid written in `pid_file` (with `kill(1)`, so no unsafe code here).
+fn signal_pid_file(pid_file: &std::path::Path, signal: i32) -> Result<u32, String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| e.to_string())?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("no pid in {text:?}"))?;
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .map_err(|e| format!("cannot run kill: {e}"))?;
+    if status.success() {
+        Ok(pid)
+    } else {
+        Err(format!("no weir process {pid} (stale pid file?)"))
     }
 }

@@ -9,17 +9,24 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
+use std::path::PathBuf;
+
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{Config, Listener};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, State};
+use crate::reload::Reloader;
 
 /// What `weir run` needs beyond the config.
 #[derive(Default, Clone)]
 pub struct RunOptions {
     pub upgrade: bool,
     pub daemon: bool,
+    /// The file to re-read on SIGHUP (none: reload is off, e.g. for the demo).
+    pub config_path: Option<PathBuf>,
+    /// `--listen`, which applies to reloaded files too.
+    pub listen_override: Option<Vec<Listener>>,
 }
 
 /// Pingora's own settings, from weir's config.
@@ -84,26 +91,45 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         admin.add_tcp(addr);
         server.add_service(admin);
     }
+    let reloader = opts
+        .config_path
+        .as_deref()
+        .map(|p| Reloader::new(p, opts.listen_override.clone(), gateway.clone()));
     server.add_service(background_service(
         "weir signals",
         Signals {
             gateway: gateway.clone(),
+            reloader,
         },
     ));
+    if !opts.daemon {
+        // Pingora writes the pid file only when it daemonizes; `weir reload` needs it always.
+        let pid_file = &config.server.pid_file;
+        if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+            log::warn!("cannot write pid file {}: {e}", pid_file.display());
+        }
+    }
     Ok(Built { server, gateway })
 }
 
-/// SIGUSR1 reopens the log files (rotation). (SIGQUIT/SIGTERM/SIGINT are Pingora's.)
+/// SIGHUP reloads the config, SIGUSR1 reopens the log files (rotation).
+/// (SIGQUIT, SIGTERM and SIGINT are Pingora's: upgrade hand-over, graceful and fast stop.)
 struct Signals {
     gateway: Arc<Gateway>,
+    reloader: Option<Reloader>,
 }
 
 #[async_trait]
 impl BackgroundService for Signals {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-            log::error!("cannot install the SIGUSR1 handler; log reopening is off");
+        let (Ok(mut usr1), Ok(mut hup)) = (
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::hangup()),
+        ) else {
+            log::error!(
+                "cannot install the SIGHUP/SIGUSR1 handlers; reload and log reopening are off"
+            );
             return;
         };
         loop {
@@ -112,6 +138,10 @@ impl BackgroundService for Signals {
                     log::info!("SIGUSR1: reopening log files");
                     self.gateway.logs.reopen();
                 }
+                _ = hup.recv() => match &self.reloader {
+                    Some(r) => r.reload_and_log(),
+                    None => log::warn!("SIGHUP: this process has no config file to reload"),
+                },
                 _ = shutdown.changed() => return,
             }
         }

@@ -31,6 +31,8 @@ pub struct State {
     /// Attempts per request (retries.max_attempts, 0 = one per node).
     pub attempts: usize,
     pub keepalive_secs: u64,
+    /// The router's clock, handed on to the router of the next reload.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl State {
@@ -39,10 +41,40 @@ impl State {
         Self::build_with_clock(config, metrics, clock)
     }
 
+    /// A state for a reloaded config: nodes that stay (same URL) keep their router state.
+    pub fn build_carried(
+        config: Config,
+        metrics: &Metrics,
+        old: &State,
+    ) -> std::result::Result<State, String> {
+        let carry: Vec<Option<usize>> = config
+            .upstreams
+            .iter()
+            .map(|u| old.nodes.iter().position(|o| o.upstream.url == u.url))
+            .collect();
+        Self::assemble(
+            config,
+            metrics,
+            old.clock.clone(),
+            |weights, settings, clock| {
+                Router::with_carried_state(weights, settings, clock, &old.router, &carry)
+            },
+        )
+    }
+
     pub fn build_with_clock(
         config: Config,
         metrics: &Metrics,
         clock: Arc<dyn Clock>,
+    ) -> std::result::Result<State, String> {
+        Self::assemble(config, metrics, clock, Router::new)
+    }
+
+    fn assemble(
+        config: Config,
+        metrics: &Metrics,
+        clock: Arc<dyn Clock>,
+        router: impl FnOnce(&[u32], RouterSettings, Arc<dyn Clock>) -> Router,
     ) -> std::result::Result<State, String> {
         let mut nodes = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
@@ -55,13 +87,13 @@ impl State {
             });
         }
         let weights: Vec<u32> = config.upstreams.iter().map(|u| u.weight).collect();
-        let router = Router::new(
+        let router = router(
             &weights,
             RouterSettings {
                 algorithm: config.routing.algorithm,
                 decay_half_life: config.routing.decay_half_life,
             },
-            clock,
+            clock.clone(),
         );
         let mut response_headers = Vec::with_capacity(config.response_headers.len());
         for (name, value) in &config.response_headers {
@@ -78,6 +110,7 @@ impl State {
             router,
             nodes,
             config,
+            clock,
         })
     }
 

@@ -318,6 +318,26 @@ impl Gateway {
         self.admin
     }
 
+    /// The gateway process's PID (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the gateway process to exit on its own; its exit status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            // Another process's exit cannot be awaited from tokio without owning a pidfd.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

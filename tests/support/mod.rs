@@ -12,7 +12,7 @@ pub mod upstream;
 pub mod wire;
 
 pub use client::{Client, Request, Response};
-pub use gateway::{Gateway, Ports};
+pub use gateway::{run_weir, Gateway, Ports, WEIR};
 pub use metrics::Metrics;
 pub use upstream::{Behaviour, Received, Upstream};
 pub use wire::md5_hex;

@@ -1,0 +1,155 @@
+//! Config reload (SIGHUP, `weir reload`): read, validate, swap atomically.
+//!
+//! A reload builds a complete new [`State`] from the file and swaps it in with one atomic
+//! store. Requests in flight keep the state they started on to their end, so a node removed by
+//! the reload is drained, not cut. Nodes that stay (same normalised URL) keep their error
+//! score, latency estimate and in-flight count. A file that does not load is rejected as a
+//! whole: the running config stays, the rejection is logged and counted.
+//!
+//! Settings bound to sockets, threads or files opened at start (listen addresses, admin
+//! listener, TLS, server threads/pid/upgrade socket, log destinations) cannot change in place;
+//! a reload that changes them keeps the running values and says so: `weir run -u` (a
+//! zero-downtime upgrade) applies them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{Config, Listener};
+use crate::proxy::{Gateway, State};
+
+/// What a successful reload changed and what it could not.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub kept: usize,
+    /// Settings that need `weir run -u`; the running values were kept.
+    pub needs_restart: Vec<&'static str>,
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    /// `--listen` from the command line, which outlives any file.
+    listen_override: Option<Vec<Listener>>,
+    gateway: Arc<Gateway>,
+}
+
+impl Reloader {
+    pub fn new(path: &Path, listen_override: Option<Vec<Listener>>, gateway: Arc<Gateway>) -> Self {
+        Reloader {
+            path: path.to_path_buf(),
+            listen_override,
+            gateway,
+        }
+    }
+
+    /// Reloads the file; on any error the running config stays and the error is returned.
+    pub fn reload(&self) -> Result<ReloadReport, String> {
+        let result = self.try_reload();
+        let label = if result.is_ok() { "ok" } else { "rejected" };
+        self.gateway
+            .metrics
+            .reloads
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    fn try_reload(&self) -> Result<ReloadReport, String> {
+        let loaded = Config::load(&self.path).map_err(|e| e.to_string())?;
+        for w in &loaded.warnings {
+            log::warn!("reload: {}: {}", self.path.display(), w.message);
+        }
+        let mut config = loaded.config;
+        if let Some(listen) = &self.listen_override {
+            config.listen = listen.clone();
+        }
+        let old = self.gateway.state();
+        let needs_restart = keep_restart_only_settings(&mut config, &old.config);
+        let new = State::build_carried(config, &self.gateway.metrics, &old)?;
+
+        let mut report = ReloadReport {
+            needs_restart,
+            ..ReloadReport::default()
+        };
+        for n in &new.nodes {
+            if old.nodes.iter().any(|o| o.upstream.url == n.upstream.url) {
+                report.kept += 1;
+            } else {
+                report.added.push(n.upstream.url.clone());
+            }
+        }
+        for o in &old.nodes {
+            if !new.nodes.iter().any(|n| n.upstream.url == o.upstream.url) {
+                report.removed.push(o.upstream.url.clone());
+            }
+        }
+        self.gateway.swap_state(new);
+        for url in &report.removed {
+            self.gateway.metrics.forget_node(url);
+        }
+        Ok(report)
+    }
+
+    /// Reloads and logs the outcome (the SIGHUP path).
+    pub fn reload_and_log(&self) {
+        match self.reload() {
+            Ok(r) => {
+                log::warn!(
+                    "config reloaded from {}: {} nodes kept, added {:?}, removed {:?}",
+                    self.path.display(),
+                    r.kept,
+                    r.added,
+                    r.removed
+                );
+                for setting in r.needs_restart {
+                    log::warn!(
+                        "reload: `{setting}` changed but cannot change in place; the running value stays until `weir run -u` (zero-downtime upgrade)"
+                    );
+                }
+            }
+            Err(e) => log::error!("config reload rejected, the running config stays: {e}"),
+        }
+    }
+}
+
+/// Copies the running values of settings that only a restart can change into `new`, and names
+/// the ones that differed.
+fn keep_restart_only_settings(new: &mut Config, running: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $name:literal) => {
+            if new.$($field).+ != running.$($field).+ {
+                changed.push($name);
+                new.$($field).+ = running.$($field).+.clone();
+            }
+        };
+    }
+    keep!(listen, "listen");
+    keep!(tls, "tls");
+    keep!(admin, "admin.listen");
+    keep!(log, "log");
+    keep!(server, "server");
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_settings_keep_their_running_values() {
+        let running = Config::embedded_default();
+        let mut new = running.clone();
+        new.listen = vec![Listener {
+            addr: "127.0.0.1:1".into(),
+        }];
+        new.server.threads += 1;
+        new.limits.concurrency_peak = 7;
+        let changed = keep_restart_only_settings(&mut new, &running);
+        assert_eq!(changed, vec!["listen", "server"]);
+        assert_eq!(new.listen, running.listen);
+        assert_eq!(new.server, running.server);
+        assert_eq!(new.limits.concurrency_peak, 7, "live settings change");
+    }
+}

@@ -1,0 +1,270 @@
+//! Zero-downtime operations against the real binary: config reload (SIGHUP and `weir reload`)
+//! and binary upgrade (`weir run -u` + SIGQUIT) under a bounded load.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{Gateway, Upstream};
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// `clients` tasks sending GETs on fresh connections until `stop`, at most `per_client` each.
+/// Returns (answered 2xx, anything else as text).
+fn load(
+    gw: &Arc<Gateway>,
+    clients: usize,
+    per_client: usize,
+    stop: &Arc<AtomicBool>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..clients)
+        .map(|c| {
+            let gw = gw.clone();
+            let stop = stop.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut bad = Vec::new();
+                for i in 0..per_client {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match gw
+                        .try_send(&support::Request::get(&format!("/c{c}/{i}")))
+                        .await
+                    {
+                        Ok(r) if (200..300).contains(&r.status) => {}
+                        Ok(r) => bad.push(format!("client {c} req {i}: {} {}", r.status, r.text())),
+                        Err(e) => bad.push(format!("client {c} req {i}: {e}")),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                bad
+            })
+        })
+        .collect()
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + deadline;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        // Progress of another process cannot be awaited; poll it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn yaml_with_upstreams(text: &str, urls: &[String]) -> String {
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(text).expect("config is YAML");
+    doc["upstreams"] = serde_yaml::Value::Sequence(
+        urls.iter()
+            .map(|u| serde_yaml::Value::String(u.clone()))
+            .collect(),
+    );
+    serde_yaml::to_string(&doc).expect("serialise")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_adds_a_node_and_drains_a_removed_one() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let d = Upstream::start("d").await;
+    let gw = Arc::new(Gateway::builder().upstreams([&a, &b, &c]).start().await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(&gw, 4, 400, &stop, &done);
+
+    wait_until("traffic", Duration::from_secs(10), || {
+        done.load(Ordering::Relaxed) >= 100
+    })
+    .await;
+    assert_eq!(d.count(), 0);
+    let new = yaml_with_upstreams(gw.config_text(), &[b.url(), c.url(), d.url()]);
+    std::fs::write(gw.config_path(), new).expect("rewrite config");
+    signal(gw.pid(), "HUP");
+
+    wait_until("the added node's traffic", Duration::from_secs(10), || {
+        d.count() >= 20
+    })
+    .await;
+    // Requests that started before the swap may still reach `a`: at most one per client.
+    let a_after_reload = a.count();
+    let mut bad = Vec::new();
+    for t in clients {
+        bad.extend(t.await.expect("client task"));
+    }
+    assert!(bad.is_empty(), "non-2xx or errors during reload: {bad:?}");
+    assert!(
+        a.count() <= a_after_reload + 4,
+        "the removed node kept receiving traffic: {} then {}",
+        a_after_reload,
+        a.count()
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.sum_or_zero("weir_config_reloads_total", &[("result", "ok")]),
+        1.0
+    );
+    assert!(
+        !m.text.contains(&format!("upstream=\"{}\"", a.url())),
+        "the removed node's series are dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_reload_is_rejected_and_the_old_config_keeps_serving() {
+    let a = Upstream::start("a").await;
+    let gw = Gateway::builder().upstream(&a).start().await;
+    std::fs::write(
+        gw.config_path(),
+        "upstreams: [http://\nlimits: {bogus: 1}\n",
+    )
+    .expect("write");
+    signal(gw.pid(), "HUP");
+    gw.wait_for_metric(
+        "weir_config_reloads_total",
+        &[("result", "rejected")],
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let resp = gw.get("/still").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.node(), Some("a"));
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.sum_or_zero("weir_config_reloads_total", &[("result", "rejected")]),
+        1.0
+    );
+    assert_eq!(
+        m.sum_or_zero("weir_config_reloads_total", &[("result", "ok")]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_reload_command_signals_the_running_process() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let gw = Gateway::builder().upstream(&a).start().await;
+    let new = yaml_with_upstreams(gw.config_text(), &[b.url()]);
+    std::fs::write(gw.config_path(), new).expect("rewrite config");
+    let out = support::run_weir(
+        &["reload", "-c", &gw.config_path().to_string_lossy()],
+        gw.dir(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.wait_for_metric(
+        "weir_config_reloads_total",
+        &[("result", "ok")],
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(gw.get("/moved").await.node(), Some("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_load_loses_no_request() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let gw = Gateway::builder()
+        .upstreams([&a, &b])
+        .yaml("server: {grace_period: 1s, graceful_shutdown_timeout: 1s}\nlog: {access: off}")
+        .start()
+        .await;
+    let old_pid = gw.pid();
+    let pid_file = gw.dir().join("weir.pid");
+    let gw = Arc::new(gw);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(&gw, 4, 100_000, &stop, &done);
+    wait_until("traffic", Duration::from_secs(10), || {
+        done.load(Ordering::Relaxed) >= 100
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let log = std::fs::File::create(gw.dir().join("successor.log")).expect("log file");
+    let mut successor = Command::new(support::WEIR)
+        .args(["run", "-u", "-c"])
+        .arg(gw.config_path())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start the successor");
+    // The successor binds the upgrade socket and waits; the old process hands over on SIGQUIT.
+    let sock = gw.dir().join("weir_upgrade.sock");
+    wait_until(
+        "the successor's upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists(),
+    )
+    .await;
+    signal(old_pid, "QUIT");
+    wait_until("the successor's pid file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pid_file)
+            .map(|t| t.trim() == successor.id().to_string())
+            .unwrap_or(false)
+    })
+    .await;
+
+    let old_exit = {
+        let mut exited = false;
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            if !std::path::Path::new(&format!("/proc/{old_pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true)
+            {
+                exited = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        exited
+    };
+    let upgrade_took = started.elapsed();
+    // Keep the load on the successor alone for a moment, then stop.
+    let served_before = done.load(Ordering::Relaxed);
+    wait_until("traffic on the successor", Duration::from_secs(10), || {
+        done.load(Ordering::Relaxed) >= served_before + 200
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut bad = Vec::new();
+    for t in clients {
+        bad.extend(t.await.expect("client task"));
+    }
+    let _ = successor.kill();
+    let _ = successor.wait();
+    assert!(old_exit, "the old process did not exit after SIGQUIT");
+    eprintln!(
+        "upgrade: {} requests, {} failed, old process gone {:?} after the successor started",
+        done.load(Ordering::Relaxed),
+        bad.len(),
+        upgrade_took
+    );
+    assert!(bad.is_empty(), "requests lost during the upgrade: {bad:?}");
+}
