@@ -424,3 +424,27 @@ async fn metrics_pass_promtool_check_at_startup_and_after_failures() {
         m.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_limits_are_exported() {
+    let a = Upstream::start("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml("limits: {concurrency_peak: 33}\ndeferred_queue: {enabled: true, capacity: 99}")
+        .start()
+        .await;
+    let m = gw.metrics().await;
+    assert_eq!(m.sum("weir_concurrency_peak", &[]), Some(33.0));
+    assert_eq!(
+        m.sum("weir_deferred_queue_capacity", &[("queue", "deferred")]),
+        Some(99.0)
+    );
+    assert_eq!(
+        m.sum("weir_deferred_queue_capacity", &[("queue", "upfront")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.sum("weir_deferred_queue_depth", &[("queue", "deferred")]),
+        Some(0.0)
+    );
+}

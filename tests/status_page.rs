@@ -112,6 +112,7 @@ async fn status_json_reports_nodes_queues_and_totals() {
     for q in ["deferred", "upfront"] {
         let queue = &s["queues"][q];
         assert_eq!(queue["enabled"], false, "{q}");
+        assert_eq!(queue["capacity"], 0, "a queue that is off holds nothing");
         assert_eq!(queue["depth"], 0);
         assert_eq!(queue["oldest_age_seconds"], 0.0);
         assert_eq!(queue["dead_letters"], 0);

@@ -95,9 +95,7 @@ pub struct RequestCtx {
 
 impl Gateway {
     pub fn new(state: State, metrics: Arc<Metrics>, logs: Arc<Logs>) -> Gateway {
-        metrics
-            .concurrency_peak
-            .set(state.config.limits.concurrency_peak as i64);
+        set_config_gauges(&metrics, &state);
         Gateway {
             state: Arc::new(ArcSwap::from_pointee(state)),
             admission: Admission::default(),
@@ -112,9 +110,7 @@ impl Gateway {
 
     /// Installs a new state (config reload); requests in flight keep the one they started on.
     pub fn swap_state(&self, state: State) {
-        self.metrics
-            .concurrency_peak
-            .set(state.config.limits.concurrency_peak as i64);
+        set_config_gauges(&self.metrics, &state);
         self.state.store(Arc::new(state));
     }
 
@@ -195,6 +191,25 @@ impl Gateway {
             return true;
         }
         ctx.replay_safe && body_replayable(session, ctx)
+    }
+}
+
+/// The gauges that state configured limits: the concurrency peak and each queue's capacity
+/// (0 for a queue that is off).
+fn set_config_gauges(metrics: &Metrics, state: &State) {
+    let config = &state.config;
+    metrics
+        .concurrency_peak
+        .set(config.limits.concurrency_peak as i64);
+    for (name, queue) in [
+        ("deferred", &config.deferred_queue),
+        ("upfront", &config.upfront_queue),
+    ] {
+        let capacity = if queue.enabled { queue.capacity } else { 0 };
+        metrics
+            .queue_capacity
+            .with_label_values(&[name])
+            .set(capacity as i64);
     }
 }
 
