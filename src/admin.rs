@@ -1,4 +1,5 @@
-//! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz`, `GET /queue`.
+//! The admin listener: `GET /` (live status page), `GET /status.json`, `GET /metrics`
+//! (Prometheus text), `GET /healthz`, `GET /queue`.
 //! Bound to loopback by default; it is for operators, not clients.
 
 use std::sync::Arc;
@@ -9,14 +10,19 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::proxy::Gateway;
+use crate::status::{self, Started};
 
 pub struct AdminApp {
     gateway: Arc<Gateway>,
+    started: Started,
 }
 
 impl AdminApp {
     pub fn new(gateway: Arc<Gateway>) -> AdminApp {
-        AdminApp { gateway }
+        AdminApp {
+            gateway,
+            started: Started::now(),
+        }
     }
 
     fn route(&self, method: &http::Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
@@ -31,13 +37,23 @@ impl AdminApp {
                 )
             }
             ("GET", "/healthz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            ("GET", "/") => (
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                status::PAGE.as_bytes().to_vec(),
+            ),
+            ("GET", "/status.json") => (
+                StatusCode::OK,
+                JSON,
+                status::status_json(&self.gateway, &self.started),
+            ),
             ("GET", "/queue") => (
                 StatusCode::OK,
                 JSON,
                 // The queues arrive with the queue issue; until then they are empty and off.
                 br#"{"deferred":{"enabled":false,"depth":0,"oldest_age_seconds":0,"dead_letters":[]},"upfront":{"enabled":false,"depth":0,"oldest_age_seconds":0,"dead_letters":[]}}"#.to_vec(),
             ),
-            (_, "/metrics" | "/healthz" | "/queue") => (
+            (_, "/metrics" | "/healthz" | "/queue" | "/" | "/status.json") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 JSON,
                 br#"{"error":"method not allowed"}"#.to_vec(),
@@ -58,6 +74,8 @@ impl ServeHttp for AdminApp {
             .status(status)
             .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_LENGTH, body.len())
+            // Live values: a cached copy is a wrong one.
+            .header(http::header::CACHE_CONTROL, "no-store")
             .body(body)
             .unwrap_or_else(|_| Response::new(Vec::new()))
     }

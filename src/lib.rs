@@ -2,7 +2,7 @@
 //!
 //! The module map follows a request's path (see `docs/ARCHITECTURE.md`):
 
-/// Admin listener: /metrics, /healthz, /queue.
+/// Admin listener: status page, /status.json, /metrics, /healthz, /queue.
 pub mod admin;
 /// The typed config and its two readers (native YAML, ServiceQ sq.properties).
 pub mod config;
@@ -22,6 +22,8 @@ pub mod reload;
 pub mod routing;
 /// Assembles the Pingora server and its services.
 pub mod server;
+/// The live status page and its JSON (`GET /`, `GET /status.json` on the admin listener).
+pub mod status;
 
 /// Process-wide logger for weir's own diagnostics (stderr), at the configured level.
 pub fn init_logging(level: &str) {

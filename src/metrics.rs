@@ -44,6 +44,37 @@ const REJECTION_REASONS: [&str; 3] = ["concurrency", "queue_full", "bad_request"
 const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const QUEUES: [&str; 2] = ["deferred", "upfront"];
 const REPLAY_RESULTS: [&str; 4] = ["delivered", "failed_attempt", "expired", "dead_letter"];
+const RELOAD_RESULTS: [&str; 2] = ["ok", "rejected"];
+
+/// `weir_retries_total{reason}` values: why the previous attempt of the request ended. The first
+/// six are the failure results of [`ATTEMPT_RESULTS`] (index − 1); the last is a pooled
+/// connection the node had closed, retried on the same node without blaming it.
+pub const RETRY_REASONS: [&str; 7] = [
+    "connect_refused",
+    "connect_timeout",
+    "timeout",
+    "reset",
+    "bad_response",
+    "status",
+    "stale_connection",
+];
+
+/// Why a request makes another attempt (an index into [`RETRY_REASONS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryReason(u8);
+
+impl RetryReason {
+    pub const STALE_CONNECTION: RetryReason = RetryReason(6);
+
+    /// After a failed attempt whose `weir_upstream_attempts_total` result index is `index`.
+    pub fn after_failure(result_index: usize) -> RetryReason {
+        RetryReason(result_index.clamp(1, 6) as u8 - 1)
+    }
+
+    pub fn label(self) -> &'static str {
+        RETRY_REASONS[self.0 as usize]
+    }
+}
 
 /// Buckets from 250µs to ~33s: sub-millisecond loopback hops up to the longest sane timeout.
 fn latency_buckets() -> Vec<f64> {
@@ -56,6 +87,20 @@ pub struct NodeMetrics {
     pub response_duration: Histogram,
     pub error_rate: Gauge,
     pub selection_probability: Gauge,
+    pub inflight: IntGauge,
+}
+
+impl NodeMetrics {
+    /// One finished attempt: `result` indexes [`ATTEMPT_RESULTS`]; `header_after` is the time
+    /// to the response header, when the node sent one (a refused or timed-out attempt has none
+    /// and would only drag the latency histogram towards zero or the timeout).
+    #[inline]
+    pub fn attempt_done(&self, result: usize, header_after: Option<f64>) {
+        self.attempts[result].inc();
+        if let Some(seconds) = header_after {
+            self.response_duration.observe(seconds);
+        }
+    }
 }
 
 pub struct Metrics {
@@ -69,7 +114,8 @@ pub struct Metrics {
     response_duration: HistogramVec,
     error_rate: GaugeVec,
     selection_probability: GaugeVec,
-    retries: IntCounterVec,
+    node_inflight: IntGaugeVec,
+    retries: [IntCounter; RETRY_REASONS.len()],
     pub queue_depth: IntGaugeVec,
     pub queue_capacity: IntGaugeVec,
     pub queue_oldest_age: GaugeVec,
@@ -177,17 +223,29 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let retries = register(
+        let node_inflight = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_upstream_inflight_requests",
+                    "Attempts in flight on each node now",
+                ),
+                &["upstream"],
+            )
+            .expect("valid metric"),
+        );
+        let retries_vec = register(
             &r,
             IntCounterVec::new(
-                Opts::new("weir_retries_total", "Attempts beyond the first"),
+                Opts::new(
+                    "weir_retries_total",
+                    "Attempts beyond the first, by why the previous one ended",
+                ),
                 &["reason"],
             )
             .expect("valid metric"),
         );
-        for reason in &ATTEMPT_RESULTS[1..] {
-            retries.with_label_values(&[reason]);
-        }
+        let retries = RETRY_REASONS.map(|reason| retries_vec.with_label_values(&[reason]));
         let queue_depth = register(
             &r,
             IntGaugeVec::new(
@@ -263,7 +321,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        for result in ["ok", "rejected"] {
+        for result in RELOAD_RESULTS {
             reloads.with_label_values(&[result]);
         }
         let build_info = register(
@@ -289,6 +347,7 @@ impl Metrics {
             response_duration,
             error_rate,
             selection_probability,
+            node_inflight,
             retries,
             queue_depth,
             queue_capacity,
@@ -308,6 +367,7 @@ impl Metrics {
             response_duration: self.response_duration.with_label_values(&[upstream]),
             error_rate: self.error_rate.with_label_values(&[upstream]),
             selection_probability: self.selection_probability.with_label_values(&[upstream]),
+            inflight: self.node_inflight.with_label_values(&[upstream]),
         }
     }
 
@@ -319,10 +379,12 @@ impl Metrics {
         let _ = self.response_duration.remove_label_values(&[upstream]);
         let _ = self.error_rate.remove_label_values(&[upstream]);
         let _ = self.selection_probability.remove_label_values(&[upstream]);
+        let _ = self.node_inflight.remove_label_values(&[upstream]);
     }
 
     /// One finished client request. A request that got no response at all (the client went
     /// away first, nginx's 499) is counted as 4xx.
+    #[inline]
     pub fn request_done(&self, status: u16, outcome: Outcome, seconds: f64) {
         let class = match status {
             100..=199 => 0,
@@ -339,8 +401,8 @@ impl Metrics {
         self.rejected[why as usize].inc();
     }
 
-    pub fn retry(&self, reason: &str) {
-        self.retries.with_label_values(&[reason]).inc();
+    pub fn retry(&self, reason: RetryReason) {
+        self.retries[reason.0 as usize].inc();
     }
 
     /// The registry in Prometheus text format.
@@ -351,4 +413,109 @@ impl Metrics {
         }
         out
     }
+}
+
+// === reading back, for the status page ===
+
+/// Label value → count, serialised as a JSON object in label order.
+#[derive(Debug, Clone, Default)]
+pub struct Counts(pub Vec<(&'static str, u64)>);
+
+impl Counts {
+    pub fn get(&self, label: &str) -> u64 {
+        self.0.iter().find(|(l, _)| *l == label).map_or(0, |p| p.1)
+    }
+}
+
+impl serde::Serialize for Counts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// Counter values by label, in the order of their label constants.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub by_outcome: Counts,
+    pub by_code: Counts,
+    pub rejected: Counts,
+    pub retries: Counts,
+    pub reloads: Counts,
+}
+
+/// One queue as its gauges and counters show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueTotals {
+    pub depth: i64,
+    pub capacity: i64,
+    pub oldest_age_seconds: f64,
+    pub enqueued: u64,
+    pub replayed: Counts,
+    pub dead_letters: i64,
+}
+
+impl Metrics {
+    /// The request-level counters, read (not reset) for `/status.json`.
+    pub fn totals(&self) -> Totals {
+        let by_outcome = Counts(
+            OUTCOMES
+                .iter()
+                .enumerate()
+                .map(|(o, name)| (*name, self.requests.iter().map(|c| c[o].get()).sum()))
+                .collect(),
+        );
+        let by_code = Counts(
+            CODE_CLASSES
+                .iter()
+                .zip(&self.requests)
+                .map(|(name, row)| (*name, row.iter().map(IntCounter::get).sum()))
+                .collect(),
+        );
+        Totals {
+            requests: by_outcome.0.iter().map(|(_, n)| n).sum(),
+            by_outcome,
+            by_code,
+            rejected: pairs(&REJECTION_REASONS, &self.rejected),
+            retries: pairs(&RETRY_REASONS, &self.retries),
+            reloads: Counts(
+                RELOAD_RESULTS
+                    .iter()
+                    .map(|r| (*r, self.reloads.with_label_values(&[r]).get()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The queue metrics of `queue` (`deferred` or `upfront`) as last set by the queues.
+    pub fn queue_totals(&self, queue: &'static str) -> QueueTotals {
+        QueueTotals {
+            depth: self.queue_depth.with_label_values(&[queue]).get(),
+            capacity: self.queue_capacity.with_label_values(&[queue]).get(),
+            oldest_age_seconds: self.queue_oldest_age.with_label_values(&[queue]).get(),
+            enqueued: self.queue_enqueued.with_label_values(&[queue]).get(),
+            replayed: Counts(
+                REPLAY_RESULTS
+                    .iter()
+                    .map(|r| (*r, self.queue_replayed.with_label_values(&[queue, r]).get()))
+                    .collect(),
+            ),
+            dead_letters: self.queue_dead_letters.with_label_values(&[queue]).get(),
+        }
+    }
+}
+
+fn pairs(names: &[&'static str], counters: &[IntCounter]) -> Counts {
+    Counts(
+        names
+            .iter()
+            .zip(counters)
+            .map(|(n, c)| (*n, c.get()))
+            .collect(),
+    )
 }

@@ -7,7 +7,7 @@
 //!        ▼
 //!  upstream_peer ──────── upstream.rs   router picks among untried nodes (+ retry gap)
 //!        │
-//!  upstream_request_filter  upstream.rs X-Forwarded-*, X-Request-Id, Host policy
+//!  upstream_request_filter  upstream.rs X-Forwarded-*, X-Request-Id, traceparent, Host policy
 //!  request_body_filter      body.rs     substitute the full copy on every attempt
 //!        │
 //!  fail_to_connect ─┐
@@ -23,6 +23,7 @@ pub mod admission;
 pub mod body;
 pub mod failures;
 pub mod respond;
+pub mod trace;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -40,7 +41,7 @@ use pingora_proxy::FailToProxy;
 use smallvec::SmallVec;
 
 use crate::logs::Logs;
-use crate::metrics::{Metrics, Outcome, Rejection};
+use crate::metrics::{Metrics, Outcome, Rejection, RetryReason};
 use crate::routing::Outcome as NodeOutcome;
 use admission::{Admission, Slot};
 use failures::Failure;
@@ -74,6 +75,10 @@ pub struct RequestCtx {
     started: Instant,
     slot: Option<Slot>,
     request_id: Option<HeaderValue>,
+    /// W3C trace context sent upstream: the client's when valid, else a new one.
+    traceparent: Option<HeaderValue>,
+    /// The traceparent is weir's own, so a client `tracestate` belongs to no trace and is dropped.
+    trace_started_here: bool,
     /// May be sent again after it reached a node: idempotent method or `Idempotency-Key`.
     replay_safe: bool,
     /// weir's copy of the body, when it keeps one.
@@ -83,14 +88,14 @@ pub struct RequestCtx {
     attempt: Option<Attempt>,
     stale_retries: u8,
     last_failure: Option<Failure>,
+    /// Set when an attempt's end allowed another one; counted when that attempt starts.
+    retry_reason: Option<RetryReason>,
     outcome: Outcome,
 }
 
 impl Gateway {
     pub fn new(state: State, metrics: Arc<Metrics>, logs: Arc<Logs>) -> Gateway {
-        metrics
-            .concurrency_peak
-            .set(state.config.limits.concurrency_peak as i64);
+        set_config_gauges(&metrics, &state);
         Gateway {
             state: Arc::new(ArcSwap::from_pointee(state)),
             admission: Admission::default(),
@@ -105,9 +110,7 @@ impl Gateway {
 
     /// Installs a new state (config reload); requests in flight keep the one they started on.
     pub fn swap_state(&self, state: State) {
-        self.metrics
-            .concurrency_peak
-            .set(state.config.limits.concurrency_peak as i64);
+        set_config_gauges(&self.metrics, &state);
         self.state.store(Arc::new(state));
     }
 
@@ -122,6 +125,9 @@ impl Gateway {
         let probabilities = state.router.selection_probabilities();
         for (i, node) in state.nodes.iter().enumerate() {
             node.metrics.error_rate.set(state.router.error_rate(i));
+            node.metrics
+                .inflight
+                .set(i64::from(state.router.inflight(i)));
             node.metrics
                 .selection_probability
                 .set(probabilities.get(i).copied().unwrap_or(0.0));
@@ -140,21 +146,16 @@ impl Gateway {
                 ctx.state
                     .router
                     .finish(attempt.node, NodeOutcome::Success, elapsed);
-                node.metrics.attempts[0].inc();
-                node.metrics
-                    .response_duration
-                    .observe(elapsed.as_secs_f64());
+                node.metrics.attempt_done(0, Some(elapsed.as_secs_f64()));
             }
             Err(failure) => {
                 ctx.state
                     .router
                     .finish(attempt.node, NodeOutcome::Failure, elapsed);
-                node.metrics.attempts[failure.result_index()].inc();
-                if let Failure::Status(_) = failure {
-                    node.metrics
-                        .response_duration
-                        .observe(elapsed.as_secs_f64());
-                }
+                let header_after =
+                    matches!(failure, Failure::Status(_)).then(|| elapsed.as_secs_f64());
+                node.metrics
+                    .attempt_done(failure.result_index(), header_after);
                 let (code, name) = failure.serviceq_code();
                 self.logs.error_line(&node.upstream.url, code, name);
                 ctx.last_failure = Some(failure);
@@ -170,8 +171,15 @@ impl Gateway {
         }
     }
 
-    /// Whether another attempt may follow the failure `f` of the current one.
-    fn may_retry(&self, session: &Session, ctx: &RequestCtx, f: Failure) -> bool {
+    /// Whether another attempt may follow the failure `f` of the current one; remembers why,
+    /// for `weir_retries_total`, when it may.
+    fn may_retry(&self, session: &Session, ctx: &mut RequestCtx, f: Failure) -> bool {
+        let retry = self.retry_allowed(session, ctx, f);
+        ctx.retry_reason = retry.then(|| RetryReason::after_failure(f.result_index()));
+        retry
+    }
+
+    fn retry_allowed(&self, session: &Session, ctx: &RequestCtx, f: Failure) -> bool {
         if response_started(session) {
             return false;
         }
@@ -183,6 +191,25 @@ impl Gateway {
             return true;
         }
         ctx.replay_safe && body_replayable(session, ctx)
+    }
+}
+
+/// The gauges that state configured limits: the concurrency peak and each queue's capacity
+/// (0 for a queue that is off).
+fn set_config_gauges(metrics: &Metrics, state: &State) {
+    let config = &state.config;
+    metrics
+        .concurrency_peak
+        .set(config.limits.concurrency_peak as i64);
+    for (name, queue) in [
+        ("deferred", &config.deferred_queue),
+        ("upfront", &config.upfront_queue),
+    ] {
+        let capacity = if queue.enabled { queue.capacity } else { 0 };
+        metrics
+            .queue_capacity
+            .with_label_values(&[name])
+            .set(capacity as i64);
     }
 }
 
@@ -220,26 +247,40 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             slot: None,
             request_id: None,
+            traceparent: None,
+            trace_started_here: false,
             replay_safe: false,
             body: None,
             tried: SmallVec::new(),
             attempt: None,
             stale_retries: 0,
             last_failure: None,
+            retry_reason: None,
             outcome: Outcome::Proxied,
         }
     }
 
-    /// Admission (concurrency peak), request id, keep-alive, and the body copy for replay.
+    /// Admission (concurrency peak), request id and trace context, keep-alive, and the body
+    /// copy for replay.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let id = session
-            .req_header()
-            .headers
+        let headers = &session.req_header().headers;
+        let id = headers
             .get(respond::X_REQUEST_ID)
             .filter(|v| respond::acceptable_request_id(v))
             .cloned()
             .unwrap_or_else(respond::new_request_id);
         ctx.request_id = Some(id);
+        // Exactly one valid traceparent is propagated; none, several or a bad one start a trace.
+        let mut parents = headers.get_all(trace::TRACEPARENT).iter();
+        match (parents.next(), parents.next()) {
+            (Some(tp), None) if trace::valid_traceparent(tp.as_bytes()) => {
+                ctx.traceparent = Some(tp.clone());
+            }
+            _ => {
+                ctx.traceparent = Some(trace::new_traceparent());
+                ctx.trace_started_here = true;
+            }
+        }
         session.set_keepalive(Some(ctx.state.keepalive_secs));
 
         match self
@@ -278,17 +319,12 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        if let Some(last) = ctx.tried.last() {
-            self.metrics.retry(
-                ctx.last_failure
-                    .map(Failure::label)
-                    .unwrap_or("stale_connection"),
-            );
+        if let Some(reason) = ctx.retry_reason.take() {
+            self.metrics.retry(reason);
             let gap = ctx.state.config.retries.gap;
-            if gap > Duration::ZERO && ctx.last_failure.is_some() {
+            if gap > Duration::ZERO && reason != RetryReason::STALE_CONNECTION {
                 tokio::time::sleep(gap).await;
             }
-            let _ = last;
         }
         let Some(node) = ctx.state.router.select(&ctx.tried, fastrand::f64()) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "every node was tried");
@@ -336,6 +372,8 @@ impl ProxyHttp for Gateway {
             ctx.state.config.upstream_host,
             client_ip,
             ctx.request_id.as_ref(),
+            ctx.traceparent.as_ref(),
+            ctx.trace_started_here,
         )
     }
 
@@ -430,6 +468,7 @@ impl ProxyHttp for Gateway {
             ctx.tried.pop();
             ctx.stale_retries += 1;
             let retry = ctx.replay_safe && body_replayable(session, ctx);
+            ctx.retry_reason = retry.then_some(RetryReason::STALE_CONNECTION);
             e.set_retry(retry);
             return e;
         }
@@ -531,6 +570,7 @@ fn access_line(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Durati
     struct Line<'a> {
         ts: String,
         id: &'a str,
+        traceparent: &'a str,
         client: Option<String>,
         method: &'a str,
         target: String,
@@ -545,6 +585,11 @@ fn access_line(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Durati
         ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         id: ctx
             .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        traceparent: ctx
+            .traceparent
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),

@@ -157,13 +157,16 @@ fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, Stri
     Ok(peer)
 }
 
-/// Request headers for one attempt: forwarding headers, request id, Host policy.
+/// Request headers for one attempt: forwarding headers, request id, trace context, Host policy.
+/// `trace_started_here`: the traceparent is weir's own, so any client `tracestate` is dropped.
 pub fn prepare_request(
     req: &mut RequestHeader,
     node: &Node,
     host_mode: UpstreamHost,
     client_ip: Option<std::net::IpAddr>,
     request_id: Option<&HeaderValue>,
+    traceparent: Option<&HeaderValue>,
+    trace_started_here: bool,
 ) -> Result<()> {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -189,6 +192,15 @@ pub fn prepare_request(
             HeaderName::from_static(super::respond::X_REQUEST_ID),
             id.clone(),
         )?;
+    }
+    if let Some(tp) = traceparent {
+        req.insert_header(
+            HeaderName::from_static(super::trace::TRACEPARENT),
+            tp.clone(),
+        )?;
+        if trace_started_here {
+            req.remove_header(super::trace::TRACESTATE);
+        }
     }
     if host_mode == UpstreamHost::Rewrite {
         req.insert_header(http::header::HOST, node.host_header.clone())?;

@@ -342,6 +342,20 @@ impl Gateway {
         self.dir.path()
     }
 
+    /// The weir child's process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a `kill -s` name such as `USR1`) to the weir child.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -s {signal}: {e}"));
+        assert!(status.success(), "kill -s {signal} {} failed", self.pid());
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }

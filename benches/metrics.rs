@@ -1,0 +1,51 @@
+//! Cost of weir's metric recording on the request path: one `Metrics::request_done`, one
+//! per-attempt record (`NodeMetrics::attempt_done`: attempts counter + response histogram), and
+//! a whole request of each shape (one attempt; a refused attempt, a retry and a good attempt).
+//! Also the trace-context work of each request: validating a client `traceparent` and making one.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::header::HeaderValue;
+use weir::metrics::{Metrics, Outcome, RetryReason};
+use weir::proxy::trace::{new_traceparent, valid_traceparent};
+
+fn recording(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let a = metrics.node("http://10.0.0.1:8080");
+    let b = metrics.node("http://10.0.0.2:8080");
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("request_done", |bench| {
+        bench.iter(|| metrics.request_done(black_box(200), Outcome::Proxied, black_box(0.0021)))
+    });
+    g.bench_function("attempt_done", |bench| {
+        bench.iter(|| a.attempt_done(black_box(0), Some(black_box(0.0018))))
+    });
+    g.bench_function("request_one_attempt", |bench| {
+        bench.iter(|| {
+            a.attempt_done(black_box(0), Some(black_box(0.0018)));
+            metrics.request_done(black_box(200), Outcome::Proxied, black_box(0.0021));
+        })
+    });
+    g.bench_function("request_refused_then_retried", |bench| {
+        bench.iter(|| {
+            b.attempt_done(black_box(1), None);
+            metrics.retry(RetryReason::after_failure(1));
+            a.attempt_done(black_box(0), Some(black_box(0.0018)));
+            metrics.request_done(black_box(200), Outcome::Proxied, black_box(0.0031));
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("trace");
+    let client =
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    g.bench_function("validate_traceparent", |bench| {
+        bench.iter(|| valid_traceparent(black_box(client.as_bytes())))
+    });
+    g.bench_function("new_traceparent", |bench| bench.iter(new_traceparent));
+    g.finish();
+}
+
+criterion_group!(benches, recording);
+criterion_main!(benches);

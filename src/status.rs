@@ -1,0 +1,158 @@
+//! The live status page of the admin listener: `GET /` serves one self-contained HTML page
+//! (`status.html`, no external assets) that polls `GET /status.json` every second.
+//!
+//! The JSON is built on demand from the same sources as `/metrics` (the router's live node
+//! state and weir's own counters), so the page and Prometheus never disagree. It costs the
+//! request path nothing: everything here is read at request time of the admin listener.
+//!
+//! ```json
+//! { "version": "0.1.0", "started_at": "…", "uptime_seconds": 12.5, "algorithm": "feedback",
+//!   "inflight": 3, "concurrency_peak": 2048,
+//!   "requests": { "requests": 120, "by_outcome": {"proxied": 118, …}, "by_code": {"2xx": 117, …},
+//!                 "rejected": {"concurrency": 0, …}, "retries": {"connect_refused": 4, …},
+//!                 "reloads": {"ok": 0, "rejected": 0} },
+//!   "upstreams": [ { "url": "http://10.0.0.1:80", "weight": 1, "error_rate": 0.63,
+//!                    "error_score": 1.2, "selection_probability": 0.02, "inflight": 0,
+//!                    "latency_ms": 1.4, "attempts": {"ok": 40, "connect_refused": 4, …},
+//!                    "attempts_total": 44 } ],
+//!   "queues": { "deferred": { "enabled": true, "depth": 0, "capacity": 2048,
+//!                             "oldest_age_seconds": 0, "enqueued": 0,
+//!                             "replayed": {"delivered": 0, …}, "dead_letters": 0 },
+//!               "upfront": { … } } }
+//! ```
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::metrics::{Counts, QueueTotals, Totals};
+use crate::proxy::failures::ATTEMPT_RESULTS;
+use crate::proxy::Gateway;
+use crate::routing::Algorithm;
+
+/// The page, served as is.
+pub const PAGE: &str = include_str!("status.html");
+
+/// When the process started, for `uptime_seconds`.
+pub struct Started {
+    at: Instant,
+    wall: chrono::DateTime<chrono::Utc>,
+}
+
+impl Started {
+    pub fn now() -> Started {
+        Started {
+            at: Instant::now(),
+            wall: chrono::Utc::now(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub started_at: String,
+    pub uptime_seconds: f64,
+    pub algorithm: Algorithm,
+    pub inflight: usize,
+    pub concurrency_peak: usize,
+    pub requests: Totals,
+    pub upstreams: Vec<UpstreamStatus>,
+    pub queues: Queues,
+}
+
+#[derive(Serialize)]
+pub struct UpstreamStatus {
+    pub url: String,
+    pub weight: u32,
+    /// 0..1, as `weir_upstream_error_rate`.
+    pub error_rate: f64,
+    /// The router's raw score (decayed failures for feedback, ServiceQ's counter).
+    pub error_score: f64,
+    /// 0..1, as `weir_upstream_selection_probability`.
+    pub selection_probability: f64,
+    pub inflight: u32,
+    /// The router's latency estimate (time to response header), before the first success none.
+    pub latency_ms: Option<f64>,
+    pub attempts: Counts,
+    pub attempts_total: u64,
+}
+
+#[derive(Serialize)]
+pub struct Queues {
+    pub deferred: QueueStatus,
+    pub upfront: QueueStatus,
+}
+
+#[derive(Serialize)]
+pub struct QueueStatus {
+    pub enabled: bool,
+    #[serde(flatten)]
+    pub totals: QueueTotals,
+}
+
+/// The current status of `gateway`.
+pub fn status(gateway: &Gateway, started: &Started) -> Status {
+    // The queues (and any other scrape-time gauge) are read from the metrics they keep current.
+    gateway.refresh_gauges();
+    let state = gateway.state();
+    let router = &state.router;
+    let probabilities = router.selection_probabilities();
+    let upstreams = state
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let attempts = Counts(
+                ATTEMPT_RESULTS
+                    .iter()
+                    .zip(&node.metrics.attempts)
+                    .map(|(label, c)| (*label, c.get()))
+                    .collect(),
+            );
+            UpstreamStatus {
+                url: node.upstream.url.clone(),
+                weight: node.upstream.weight,
+                error_rate: router.error_rate(i),
+                error_score: router.error_score(i),
+                selection_probability: probabilities.get(i).copied().unwrap_or(0.0),
+                inflight: router.inflight(i),
+                latency_ms: router.latency(i).map(|d| d.as_secs_f64() * 1e3),
+                attempts_total: attempts.0.iter().map(|(_, n)| n).sum(),
+                attempts,
+            }
+        })
+        .collect();
+    let metrics = &gateway.metrics;
+    let config = &state.config;
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        started_at: started
+            .wall
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        uptime_seconds: (started.at.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        algorithm: config.routing.algorithm,
+        inflight: gateway.inflight(),
+        concurrency_peak: config.limits.concurrency_peak,
+        requests: metrics.totals(),
+        upstreams,
+        queues: Queues {
+            deferred: QueueStatus {
+                enabled: config.deferred_queue.enabled,
+                totals: metrics.queue_totals("deferred"),
+            },
+            upfront: QueueStatus {
+                enabled: config.upfront_queue.enabled,
+                totals: metrics.queue_totals("upfront"),
+            },
+        },
+    }
+}
+
+/// `status` as the JSON body of `/status.json`.
+pub fn status_json(gateway: &Gateway, started: &Started) -> Vec<u8> {
+    serde_json::to_vec(&status(gateway, started)).unwrap_or_else(|e| {
+        log::error!("status encoding failed: {e}");
+        b"{}".to_vec()
+    })
+}
