@@ -318,11 +318,6 @@ impl Gateway {
         self.admin
     }
 
-    /// The gateway process's PID (to signal it).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Waits (bounded) for the gateway process to exit on its own; its exit status.
     pub async fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
         let until = Instant::now() + deadline;
