@@ -76,6 +76,7 @@ pub struct Metrics {
     pub queue_enqueued: IntCounterVec,
     pub queue_replayed: IntCounterVec,
     pub queue_dead_letters: IntGaugeVec,
+    pub queue_remaining_at_shutdown: IntGaugeVec,
     pub reloads: IntCounterVec,
 }
 
@@ -245,7 +246,19 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let queue_remaining_at_shutdown = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_deferred_remaining_at_shutdown",
+                    "Requests still queued when the replay stopped at shutdown (0 while running)",
+                ),
+                &["queue"],
+            )
+            .expect("valid metric"),
+        );
         for q in QUEUES {
+            queue_remaining_at_shutdown.with_label_values(&[q]);
             queue_depth.with_label_values(&[q]);
             queue_capacity.with_label_values(&[q]);
             queue_oldest_age.with_label_values(&[q]);
@@ -296,6 +309,7 @@ impl Metrics {
             queue_enqueued,
             queue_replayed,
             queue_dead_letters,
+            queue_remaining_at_shutdown,
             reloads,
         })
     }
