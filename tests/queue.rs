@@ -367,3 +367,55 @@ async fn a_large_body_is_buffered_and_replayed_intact() {
     a.wait_for_count(1, Duration::from_secs(5)).await;
     assert_eq!(a.requests()[0].body_md5(), support::md5_hex(&body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_replaying_through_the_grace_period() {
+    let a = Upstream::start_down("a").await;
+    let mut gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(DEFERRED_ON)
+        .yaml("server: {grace_period: 3s, graceful_shutdown_timeout: 1s}")
+        .start()
+        .await;
+    buffered(&gw, Request::post("/during-shutdown", "x")).await;
+    gw.signal("TERM");
+    a.up().await;
+    a.wait_for_count(1, Duration::from_secs(3)).await;
+    assert_eq!(a.requests()[0].target, "/during-shutdown");
+    assert!(
+        gw.wait_exit(Duration::from_secs(15)).await,
+        "weir did not exit"
+    );
+    let logs = gw.logs();
+    assert!(logs.contains("empty at shutdown"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_queued_at_shutdown_are_logged_one_by_one() {
+    let a = Upstream::start_down("a").await;
+    let mut gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(DEFERRED_ON)
+        .yaml("server: {grace_period: 1s, graceful_shutdown_timeout: 1s}")
+        .start()
+        .await;
+    let first = buffered(&gw, Request::post("/left/1", "x")).await;
+    let second = buffered(&gw, Request::post("/left/2", "y")).await;
+    gw.signal("TERM");
+    assert!(
+        gw.wait_exit(Duration::from_secs(15)).await,
+        "weir did not exit"
+    );
+    let logs = gw.logs();
+    assert!(
+        logs.contains("2 queued requests remain at shutdown"),
+        "{logs}"
+    );
+    for (id, target) in [(first, "/left/1"), (second, "/left/2")] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains(&id) && l.contains(target) && l.contains("undelivered")),
+            "no shutdown line for {id} {target}:\n{logs}"
+        );
+    }
+}

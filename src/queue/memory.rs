@@ -30,6 +30,7 @@ impl MemoryQueue {
 }
 
 impl RequestQueue for MemoryQueue {
+    #[allow(clippy::result_large_err)]
     fn try_push(&self, req: QueuedRequest) -> Result<(), QueuedRequest> {
         let mut current = self.occupied.load(Ordering::Acquire);
         loop {

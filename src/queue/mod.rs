@@ -142,6 +142,8 @@ pub struct ExportedRequest {
 /// only the replay takes.
 pub trait RequestQueue: Send + Sync {
     /// Adds at the tail, or gives the request back when the queue is full. Never blocks.
+    // The request travels by value both ways; boxing it would add an allocation per push.
+    #[allow(clippy::result_large_err)]
     fn try_push(&self, req: QueuedRequest) -> Result<(), QueuedRequest>;
     /// Takes the head for delivery. It keeps its slot until [`RequestQueue::finish`].
     fn take(&self) -> Option<QueuedRequest>;
@@ -271,6 +273,7 @@ impl Queue {
     }
 
     /// Accepts `req` or gives it back when the queue is full. Lock-free.
+    #[allow(clippy::result_large_err)]
     pub fn push(&self, req: QueuedRequest) -> Result<QueueId, QueuedRequest> {
         let id = req.id;
         self.store.try_push(req)?;

@@ -33,6 +33,9 @@ use super::{Queue, QueuedRequest, ReplayResult};
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest backoff delay.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The replay stops this long before the grace period ends, so that its report is written
+/// before Pingora shuts the runtimes down.
+const REPORT_MARGIN: Duration = Duration::from_millis(200);
 /// Live traffic may cut a backoff short at most this often.
 const RECOVERY_PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -156,7 +159,7 @@ impl<D: Deliver> Replay<D> {
         let mut order = 0u64;
         let mut stop_at: Option<Instant> = None;
         if *shutdown.borrow() {
-            stop_at = Some(Instant::now() + (self.settings)().grace);
+            stop_at = Some(Instant::now() + (self.settings)().grace.saturating_sub(REPORT_MARGIN));
         }
 
         loop {
@@ -267,7 +270,7 @@ impl<D: Deliver> Replay<D> {
                         "queue={label} shutting down: replaying for up to {grace:?} more ({} queued)",
                         queue.len()
                     );
-                    stop_at = Some(Instant::now() + grace);
+                    stop_at = Some(Instant::now() + grace.saturating_sub(REPORT_MARGIN));
                 }
                 _ = sleep_until(stop_at.unwrap_or(now)), if stop_at.is_some() => break,
             }
