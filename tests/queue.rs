@@ -419,3 +419,41 @@ async fn requests_still_queued_at_shutdown_are_logged_one_by_one() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_every_node_answered_503_for_is_buffered_and_delivered_later() {
+    let a = Upstream::start("a").await;
+    a.status(503);
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(DEFERRED_ON)
+        .start()
+        .await;
+    buffered(&gw, Request::put("/doc/1", "v1")).await;
+    a.answer();
+    a.wait_for_count(2, Duration::from_secs(8)).await;
+    let last = a.requests().pop().expect("a replayed request");
+    assert_eq!((last.method.as_str(), &last.body[..]), ("PUT", &b"v1"[..]));
+    gw.wait_for_metric(
+        "weir_deferred_replayed_total",
+        &[("queue", "deferred"), ("result", "delivered")],
+        |v| v == 1.0,
+        Duration::from_secs(8),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_a_node_answered_503_for_is_passed_through_not_buffered() {
+    let a = Upstream::start("a").await;
+    a.status(503);
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(DEFERRED_ON)
+        .start()
+        .await;
+    let resp = gw.send(&Request::post("/pay", "once")).await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.node(), Some("a"), "the node's own answer");
+    assert!(resp.header("x-weir-queue-id").is_none());
+}

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  request_filter ─────── admission.rs  concurrency peak ─────────────► 429 Request Discarded
-//!        │                body.rs       copy of a replay-safe body (≤ max_buffered_body)
+//!        │                defer.rs      upfront queue match: read body, push ─► 202 Request Queued
+//!        │                                                     (full ─► 503 Queue Full, >max ─► 413)
+//!        │                body.rs       copy of a replay-safe or deferrable body (≤ max_buffered_body)
 //!        ▼
 //!  upstream_peer ──────── upstream.rs   router picks among untried nodes (+ retry gap)
 //!        │
@@ -12,11 +14,16 @@
 //!        │
 //!  fail_to_connect ─┐
 //!  error_while_proxy ┴─── failures.rs  classify, feed the node's score, retry only if safe
-//!  upstream_response_filter            failure statuses fed back (and retried if safe)
+//!  upstream_response_filter            failure statuses fed back (retried if safe; on the last
+//!        │                              attempt raised as an error when the request is deferrable)
 //!        ▼
 //!  response_filter ────── respond.rs   request id + configured response headers
-//!  fail_to_proxy ──────── respond.rs   503 / 504 / 502 / 400 with sq_msg bodies
+//!  fail_to_proxy ──────── defer.rs     every attempt failed, deferrable ─► push ─► 503 Request Buffered
+//!        │                              (queue full ─► 503 Queue Full)
+//!                         respond.rs   otherwise 503 / 504 / 502 / 400 with sq_msg bodies
 //!  logging                              metrics, access log, ServiceQ-style error log
+//!
+//!  (background) queue/replay.rs         FIFO delivery of each queue through the same router
 //! ```
 
 pub mod admission;
@@ -384,7 +391,8 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Admission (concurrency peak), request id, keep-alive, and the body copy for replay.
+    /// Admission (concurrency peak), request id, keep-alive, the upfront queue, and the body
+    /// copy for replay and deferral.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let id = session
             .req_header()
@@ -624,7 +632,8 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    /// The final failure: weir's own answer from the last node failure, or 400 for a bad request.
+    /// The final failure: the deferred queue takes the request if it may (503 Request Buffered);
+    /// otherwise weir's own answer from the last node failure, or 400 for a bad request.
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
