@@ -88,7 +88,7 @@ fn push_take(c: &mut Criterion) {
                                         Ok(()) => break,
                                         Err(back) => {
                                             r = back;
-                                            std::hint::spin_loop();
+                                            std::thread::yield_now();
                                         }
                                     }
                                 }
@@ -102,7 +102,7 @@ fn push_take(c: &mut Criterion) {
                         q.finish();
                         taken += 1;
                     } else {
-                        std::hint::spin_loop();
+                        std::thread::yield_now();
                     }
                 }
                 for p in producers {

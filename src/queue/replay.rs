@@ -18,7 +18,7 @@
 //!
 //! Time comes from tokio's clock, so tests run with paused time and no sleeps.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,6 +140,7 @@ pub struct Replay<D: Deliver> {
 }
 
 /// An entry taken from the queue, with its position for re-insertion.
+#[derive(Clone)]
 struct Taken {
     order: u64,
     req: QueuedRequest,
@@ -152,6 +153,9 @@ impl<D: Deliver> Replay<D> {
         let label = queue.kind.label();
         let mut waiting: VecDeque<Taken> = VecDeque::new();
         let mut inflight: JoinSet<(Taken, Delivery)> = JoinSet::new();
+        // A copy of each entry in flight, so that a delivery task that dies still gives its
+        // entry back (as a failed attempt) instead of losing it.
+        let mut in_delivery: HashMap<tokio::task::Id, Taken> = HashMap::new();
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP, rng);
         let mut gate: Option<Instant> = None;
         let mut last_probe: Option<Instant> = None;
@@ -200,10 +204,12 @@ impl<D: Deliver> Replay<D> {
                             break;
                         };
                         let deliver = self.deliver.clone();
-                        inflight.spawn(async move {
+                        let copy = taken.clone();
+                        let handle = inflight.spawn(async move {
                             let d = deliver.deliver(&taken.req).await;
                             (taken, d)
                         });
+                        in_delivery.insert(handle.id(), copy);
                     }
                 }
             }
@@ -212,8 +218,18 @@ impl<D: Deliver> Replay<D> {
             }
 
             tokio::select! {
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    let Ok((mut taken, delivery)) = done else { continue };
+                Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                    let (mut taken, delivery) = match done {
+                        Ok((id, result)) => {
+                            in_delivery.remove(&id);
+                            result
+                        }
+                        Err(e) => {
+                            let Some(taken) = in_delivery.remove(&e.id()) else { continue };
+                            let error = format!("delivery task failed: {e}");
+                            (taken, Delivery::Failed { error, sent: true })
+                        }
+                    };
                     match delivery {
                         Delivery::Delivered { status, node } => {
                             log::info!(
@@ -516,7 +532,8 @@ mod tests {
         let _ = h.task.await;
         let took = Instant::now() - started;
         assert!(
-            took >= Duration::from_secs(5) && took < Duration::from_secs(6),
+            // The grace period less the margin left for the report.
+            took == Duration::from_secs(5) - REPORT_MARGIN,
             "{took:?}"
         );
         let delivered = cluster.delivered.lock().unwrap().len();
