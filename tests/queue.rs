@@ -457,3 +457,28 @@ async fn a_post_a_node_answered_503_for_is_passed_through_not_buffered() {
     assert_eq!(resp.node(), Some("a"), "the node's own answer");
     assert!(resp.header("x-weir-queue-id").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sq_properties_request_formats_feed_the_deferred_queue() {
+    let a = Upstream::start_down("a").await;
+    let url = a.url();
+    let gw = Gateway::raw_config("sq.properties", move |p| {
+        format!(
+            "LISTENER_ADDR=127.0.0.1\nLISTENER_PORT={}\nMETRICS_LISTENER={}\nENDPOINTS={url}\n\
+             CONCURRENCY_PEAK=16\nENABLE_DEFERRED_Q=true\n\
+             DEFERRED_Q_REQUEST_FORMATS=POST /orders/*,POST /orders/private !\n",
+            p.listen.port(),
+            p.admin
+        )
+    })
+    .start()
+    .await;
+    buffered(&gw, Request::post("/orders", "o")).await;
+    let excluded = gw.send(&Request::post("/orders/private", "x")).await;
+    excluded.assert_sq_msg(503, "Service Unavailable");
+    let other = gw.send(&Request::put("/items/1", "x")).await;
+    other.assert_sq_msg(503, "Service Unavailable");
+    a.up().await;
+    a.wait_for_count(1, Duration::from_secs(5)).await;
+    assert_eq!(a.requests()[0].target, "/orders");
+}
