@@ -1,5 +1,5 @@
 //! The admin listener: `GET /` (live status page), `GET /status.json`, `GET /metrics`
-//! (Prometheus text), `GET /healthz`, `GET /queue`.
+//! (Prometheus text), `GET /healthz`, `GET /queue`, `DELETE /queue/dead`.
 //! Bound to loopback by default; it is for operators, not clients.
 
 use std::sync::Arc;
@@ -25,6 +25,17 @@ impl AdminApp {
         }
     }
 
+    /// `GET /queue`: depth, capacity, oldest age and dead letters of each queue.
+    fn queue_status(&self) -> Vec<u8> {
+        let state = self.gateway.state();
+        let q = &self.gateway.queues;
+        let body = serde_json::json!({
+            "deferred": q.deferred.status(state.config.deferred_queue.enabled),
+            "upfront": q.upfront.status(state.config.upfront_queue.enabled),
+        });
+        body.to_string().into_bytes()
+    }
+
     fn route(&self, method: &http::Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
         const JSON: &str = "application/json";
         match (method.as_str(), path) {
@@ -47,18 +58,28 @@ impl AdminApp {
                 JSON,
                 status::status_json(&self.gateway, &self.started),
             ),
-            ("GET", "/queue") => (
-                StatusCode::OK,
-                JSON,
-                // The queues arrive with the queue issue; until then they are empty and off.
-                br#"{"deferred":{"enabled":false,"depth":0,"oldest_age_seconds":0,"dead_letters":[]},"upfront":{"enabled":false,"depth":0,"oldest_age_seconds":0,"dead_letters":[]}}"#.to_vec(),
-            ),
-            (_, "/metrics" | "/healthz" | "/queue" | "/" | "/status.json") => (
+            ("GET", "/queue") => (StatusCode::OK, JSON, self.queue_status()),
+            ("DELETE", "/queue/dead") => {
+                let q = &self.gateway.queues;
+                let deferred = q.deferred.purge_dead();
+                let upfront = q.upfront.purge_dead();
+                let body = serde_json::json!({
+                    "purged": deferred + upfront,
+                    "deferred": deferred,
+                    "upfront": upfront,
+                });
+                (StatusCode::OK, JSON, body.to_string().into_bytes())
+            }
+            (_, "/metrics" | "/healthz" | "/queue" | "/queue/dead" | "/" | "/status.json") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 JSON,
                 br#"{"error":"method not allowed"}"#.to_vec(),
             ),
-            _ => (StatusCode::NOT_FOUND, JSON, br#"{"error":"not found"}"#.to_vec()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                JSON,
+                br#"{"error":"not found"}"#.to_vec(),
+            ),
         }
     }
 }

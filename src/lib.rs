@@ -14,7 +14,7 @@ pub mod logs;
 pub mod metrics;
 /// The `ProxyHttp` implementation, one file per stage.
 pub mod proxy;
-/// Request formats (and, later, the deferred and upfront queues).
+/// The deferred and upfront queues: store, replay, delivery, request formats.
 pub mod queue;
 /// Config reload: read, validate, swap atomically (SIGHUP, `weir reload`).
 pub mod reload;

@@ -122,6 +122,7 @@ pub struct Metrics {
     pub queue_enqueued: IntCounterVec,
     pub queue_replayed: IntCounterVec,
     pub queue_dead_letters: IntGaugeVec,
+    pub queue_remaining_at_shutdown: IntGaugeVec,
     pub reloads: IntCounterVec,
 }
 
@@ -303,7 +304,19 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let queue_remaining_at_shutdown = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_deferred_remaining_at_shutdown",
+                    "Requests still queued when the replay stopped at shutdown (0 while running)",
+                ),
+                &["queue"],
+            )
+            .expect("valid metric"),
+        );
         for q in QUEUES {
+            queue_remaining_at_shutdown.with_label_values(&[q]);
             queue_depth.with_label_values(&[q]);
             queue_capacity.with_label_values(&[q]);
             queue_oldest_age.with_label_values(&[q]);
@@ -355,6 +368,7 @@ impl Metrics {
             queue_enqueued,
             queue_replayed,
             queue_dead_letters,
+            queue_remaining_at_shutdown,
             reloads,
         })
     }

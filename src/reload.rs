@@ -130,6 +130,8 @@ fn keep_restart_only_settings(new: &mut Config, running: &Config) -> Vec<&'stati
     keep!(admin, "admin.listen");
     keep!(log, "log");
     keep!(server, "server");
+    keep!(deferred_queue.capacity, "deferred_queue.capacity");
+    keep!(upfront_queue.capacity, "upfront_queue.capacity");
     changed
 }
 

@@ -1,5 +1,5 @@
 //! Assembles the Pingora server: the proxy service on every listener, the admin service
-//! (metrics, health) and the background services.
+//! (metrics, health, queues) and the background services (replay of each queue, signals).
 
 use std::sync::Arc;
 
@@ -16,6 +16,9 @@ use crate::config::{Config, Listener};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, State};
+use crate::queue::delivery::GatewayDelivery;
+use crate::queue::replay::{Replay, ReplaySettings};
+use crate::queue::QueueKind;
 use crate::reload::Reloader;
 
 /// What `weir run` needs beyond the config.
@@ -91,6 +94,33 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         admin.add_tcp(addr);
         server.add_service(admin);
     }
+    for queue in [&gateway.queues.deferred, &gateway.queues.upfront] {
+        let kind = queue.kind;
+        let g = gateway.clone();
+        let replay = Replay {
+            queue: queue.clone(),
+            deliver: Arc::new(GatewayDelivery::new(gateway.clone(), kind)),
+            settings: Arc::new(move || {
+                let state = g.state();
+                let q = match kind {
+                    QueueKind::Deferred => &state.config.deferred_queue,
+                    QueueKind::Upfront => &state.config.upfront_queue,
+                };
+                ReplaySettings {
+                    rate: q.replay_rate,
+                    concurrency: q.replay_concurrency as usize,
+                    max_attempts: q.max_attempts,
+                    ttl: q.ttl,
+                    replay_unsafe: q.replay_unsafe,
+                    grace: state.config.server.grace_period,
+                }
+            }),
+        };
+        server.add_service(background_service(
+            &format!("weir replay {}", kind.label()),
+            ReplayService(replay),
+        ));
+    }
     let reloader = opts
         .config_path
         .as_deref()
@@ -145,5 +175,15 @@ impl BackgroundService for Signals {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// The replay of one queue, run until the shutdown signal plus the grace period.
+struct ReplayService(Replay<GatewayDelivery>);
+
+#[async_trait]
+impl BackgroundService for ReplayService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown, fastrand::Rng::new()).await;
     }
 }

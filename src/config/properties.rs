@@ -50,17 +50,13 @@ const DEFAULT_PORT: u16 = 5252;
 /// Warned when a TLS key turns TLS on.
 pub const TLS_NOT_SUPPORTED_YET: &str =
     "TLS termination is not supported yet; the listener stays plain HTTP";
-/// Warned when a queue is turned on.
-pub const QUEUES_NOT_SUPPORTED_YET: &str =
-    "queues are not supported yet; failed requests are answered, not queued";
 
 /// The warning for a `KEY=value` that weir accepts but does not act on yet, if any. The one
-/// place to edit when TLS or the queues land.
+/// place to edit when TLS lands.
 pub fn not_supported_yet(key: &str, value: &str) -> Option<&'static str> {
     let on = value.trim().eq_ignore_ascii_case("true");
     match key {
         "SSL_ENABLE" | "SSL_AUTO_ENABLE" if on => Some(TLS_NOT_SUPPORTED_YET),
-        "ENABLE_DEFERRED_Q" | "ENABLE_UPFRONT_Q" if on => Some(QUEUES_NOT_SUPPORTED_YET),
         _ => None,
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  request_filter ─────── admission.rs  concurrency peak ─────────────► 429 Request Discarded
-//!        │                body.rs       copy of a replay-safe body (≤ max_buffered_body)
+//!        │                defer.rs      upfront queue match: read body, push ─► 202 Request Queued
+//!        │                                                     (full ─► 503 Queue Full, >max ─► 413)
+//!        │                body.rs       copy of a replay-safe or deferrable body (≤ max_buffered_body)
 //!        ▼
 //!  upstream_peer ──────── upstream.rs   router picks among untried nodes (+ retry gap)
 //!        │
@@ -12,15 +14,21 @@
 //!        │
 //!  fail_to_connect ─┐
 //!  error_while_proxy ┴─── failures.rs  classify, feed the node's score, retry only if safe
-//!  upstream_response_filter            failure statuses fed back (and retried if safe)
+//!  upstream_response_filter            failure statuses fed back (retried if safe; on the last
+//!        │                              attempt raised as an error when the request is deferrable)
 //!        ▼
 //!  response_filter ────── respond.rs   request id + configured response headers
-//!  fail_to_proxy ──────── respond.rs   503 / 504 / 502 / 400 with sq_msg bodies
+//!  fail_to_proxy ──────── defer.rs     every attempt failed, deferrable ─► push ─► 503 Request Buffered
+//!        │                              (queue full ─► 503 Queue Full)
+//!                         respond.rs   otherwise 503 / 504 / 502 / 400 with sq_msg bodies
 //!  logging                              metrics, access log, ServiceQ-style error log
+//!
+//!  (background) queue/replay.rs         FIFO delivery of each queue through the same router
 //! ```
 
 pub mod admission;
 pub mod body;
+pub mod defer;
 pub mod failures;
 pub mod respond;
 pub mod trace;
@@ -42,6 +50,7 @@ use smallvec::SmallVec;
 
 use crate::logs::Logs;
 use crate::metrics::{Metrics, Outcome, Rejection, RetryReason};
+use crate::queue::{Queue, Queues};
 use crate::routing::Outcome as NodeOutcome;
 use admission::{Admission, Slot};
 use failures::Failure;
@@ -58,6 +67,8 @@ pub struct Gateway {
     admission: Admission,
     pub metrics: Arc<Metrics>,
     pub logs: Arc<Logs>,
+    /// Capacities are fixed at start-up; everything else about the queues follows reloads.
+    pub queues: Arc<Queues>,
 }
 
 /// One attempt in progress.
@@ -91,16 +102,28 @@ pub struct RequestCtx {
     /// Set when an attempt's end allowed another one; counted when that attempt starts.
     retry_reason: Option<RetryReason>,
     outcome: Outcome,
+    /// The deferred queue is on and the request matches its formats.
+    deferrable: bool,
+    /// Some attempt may have reached a node (anything but a connect failure).
+    maybe_sent: bool,
+    /// Part of the body went upstream without weir keeping a copy.
+    body_streamed: bool,
 }
 
 impl Gateway {
     pub fn new(state: State, metrics: Arc<Metrics>, logs: Arc<Logs>) -> Gateway {
         set_config_gauges(&metrics, &state);
+        let queues = Arc::new(Queues::memory(
+            state.config.deferred_queue.capacity,
+            state.config.upfront_queue.capacity,
+            &metrics,
+        ));
         Gateway {
             state: Arc::new(ArcSwap::from_pointee(state)),
             admission: Admission::default(),
             metrics,
             logs,
+            queues,
         }
     }
 
@@ -132,6 +155,8 @@ impl Gateway {
                 .selection_probability
                 .set(probabilities.get(i).copied().unwrap_or(0.0));
         }
+        self.queues.deferred.refresh_gauges();
+        self.queues.upfront.refresh_gauges();
     }
 
     /// Closes the current attempt in the router and metrics.
@@ -139,26 +164,48 @@ impl Gateway {
         let Some(attempt) = ctx.attempt.take() else {
             return;
         };
-        let elapsed = attempt.started.elapsed();
-        let node = &ctx.state.nodes[attempt.node];
+        let state = ctx.state.clone();
+        self.record_attempt(&state, attempt.node, result, attempt.started.elapsed());
         match result {
             Ok(()) => {
-                ctx.state
-                    .router
-                    .finish(attempt.node, NodeOutcome::Success, elapsed);
-                node.metrics.attempt_done(0, Some(elapsed.as_secs_f64()));
+                // A node answers: a replay waiting out its backoff may try now.
+                self.queues.deferred.signal_recovery();
+                self.queues.upfront.signal_recovery();
             }
             Err(failure) => {
-                ctx.state
-                    .router
-                    .finish(attempt.node, NodeOutcome::Failure, elapsed);
+                ctx.last_failure = Some(failure);
+                if !failure.nothing_sent() {
+                    ctx.maybe_sent = true;
+                }
+            }
+        }
+    }
+
+    /// Feeds one finished attempt (live or replayed) to the router, the metrics and the
+    /// error log.
+    pub fn record_attempt(
+        &self,
+        state: &State,
+        node: usize,
+        result: Result<(), Failure>,
+        elapsed: Duration,
+    ) {
+        let Some(n) = state.nodes.get(node) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                state.router.finish(node, NodeOutcome::Success, elapsed);
+                n.metrics.attempt_done(0, Some(elapsed.as_secs_f64()));
+            }
+            Err(failure) => {
+                state.router.finish(node, NodeOutcome::Failure, elapsed);
+                // Only a failure status came with a response header to time.
                 let header_after =
                     matches!(failure, Failure::Status(_)).then(|| elapsed.as_secs_f64());
-                node.metrics
-                    .attempt_done(failure.result_index(), header_after);
+                n.metrics.attempt_done(failure.result_index(), header_after);
                 let (code, name) = failure.serviceq_code();
-                self.logs.error_line(&node.upstream.url, code, name);
-                ctx.last_failure = Some(failure);
+                self.logs.error_line(&n.upstream.url, code, name);
             }
         }
     }
@@ -168,6 +215,125 @@ impl Gateway {
     fn abandon_attempt(&self, ctx: &mut RequestCtx) {
         if let Some(attempt) = ctx.attempt.take() {
             ctx.state.router.cancel(attempt.node);
+        }
+    }
+
+    /// Whether the deferred queue may take this request once every attempt failed (the body
+    /// aside): it matches, and replaying it is safe or the operator allows unsafe replays.
+    fn may_defer(&self, ctx: &RequestCtx) -> bool {
+        ctx.deferrable
+            && (!ctx.maybe_sent || ctx.replay_safe || ctx.state.config.deferred_queue.replay_unsafe)
+    }
+
+    /// Every attempt failed: queue the request if it may be, and say what to answer (`None`:
+    /// not deferrable, answer the failure).
+    async fn defer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Option<Answer> {
+        if !self.may_defer(ctx) {
+            return None;
+        }
+        let body = match &ctx.body {
+            Some(copy) => copy.clone(),
+            None if ctx.body_streamed => return None,
+            // Nothing of the body went anywhere yet (connect failures): read it now.
+            None => {
+                let max = ctx.state.config.limits.max_buffered_body;
+                match defer::read_body(session, max).await {
+                    Ok(Some(body)) => body,
+                    Ok(None) => {
+                        log::info!(
+                            "not queueing {} {}: body over limits.max_buffered_body",
+                            session.req_header().method,
+                            String::from_utf8_lossy(session.req_header().raw_path())
+                        );
+                        session.set_keepalive(None);
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        let queue = self.queues.deferred.clone();
+        let rate = ctx.state.config.deferred_queue.replay_rate;
+        Some(self.enqueue(session, ctx, &queue, body, 503, "Request Buffered", rate))
+    }
+
+    /// The upfront queue takes the request without proxying it: 202, or 503 when full, or 413
+    /// when its body is over `limits.max_buffered_body`.
+    async fn enqueue_upfront(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        queue: &Arc<Queue>,
+    ) -> Result<()> {
+        let max = ctx.state.config.limits.max_buffered_body;
+        let too_large = body::content_length(session).is_some_and(|len| len > max);
+        let body = if too_large {
+            None
+        } else {
+            defer::read_body(session, max).await?
+        };
+        let answer = match body {
+            Some(body) => {
+                let rate = ctx.state.config.upfront_queue.replay_rate;
+                self.enqueue(session, ctx, queue, body, 202, "Request Queued", rate)
+            }
+            None => {
+                ctx.outcome = Outcome::Rejected;
+                return respond::send(session, ctx, &Answer::new(413, "Request Too Large"), true)
+                    .await;
+            }
+        };
+        let close = answer.status != 202;
+        respond::send(session, ctx, &answer, close).await
+    }
+
+    /// Pushes the request onto `queue` and returns the answer: `status`/`message` with the
+    /// queue id, or `503 Queue Full`.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        queue: &Queue,
+        body: Bytes,
+        status: u16,
+        message: &'static str,
+        rate: u32,
+    ) -> Answer {
+        let entry = defer::entry(session, ctx, queue, body);
+        let method = entry.method.clone();
+        let target = String::from_utf8_lossy(&entry.target).into_owned();
+        match queue.push(entry) {
+            Ok(id) => {
+                log::info!(
+                    "queue={} id={id} {method} {target} queued (depth {})",
+                    queue.kind.label(),
+                    queue.len()
+                );
+                ctx.outcome = if status == 202 {
+                    Outcome::Queued
+                } else {
+                    Outcome::Buffered
+                };
+                Answer {
+                    retry_after: (status == 503).then(|| defer::retry_after(queue.len(), rate)),
+                    queue_id: Some(id),
+                    ..Answer::new(status, message)
+                }
+            }
+            Err(_) => {
+                log::warn!(
+                    "queue={} full ({}): {method} {target} refused",
+                    queue.kind.label(),
+                    queue.capacity()
+                );
+                self.metrics.rejected(Rejection::QueueFull);
+                ctx.outcome = Outcome::Rejected;
+                Answer {
+                    retry_after: Some(defer::retry_after(queue.len(), rate)),
+                    ..Answer::new(503, "Queue Full")
+                }
+            }
         }
     }
 
@@ -257,11 +423,14 @@ impl ProxyHttp for Gateway {
             last_failure: None,
             retry_reason: None,
             outcome: Outcome::Proxied,
+            deferrable: false,
+            maybe_sent: false,
+            body_streamed: false,
         }
     }
 
-    /// Admission (concurrency peak), request id and trace context, keep-alive, and the body
-    /// copy for replay.
+    /// Admission (concurrency peak), request id, keep-alive, the upfront queue, and the body
+    /// copy for replay and deferral.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let headers = &session.req_header().headers;
         let id = headers
@@ -303,7 +472,24 @@ impl ProxyHttp for Gateway {
 
         let req = session.req_header();
         ctx.replay_safe = is_idempotent(&req.method) || req.headers.contains_key("idempotency-key");
-        if ctx.replay_safe {
+        let config = &ctx.state.config;
+        let target = String::from_utf8_lossy(req.raw_path());
+        let upfront = config.upfront_queue.enabled
+            && config
+                .upfront_queue
+                .formats
+                .matches(req.method.as_str(), &target);
+        ctx.deferrable = config.deferred_queue.enabled
+            && config
+                .deferred_queue
+                .formats
+                .matches(req.method.as_str(), &target);
+        if upfront {
+            let queue = self.queues.upfront.clone();
+            self.enqueue_upfront(session, ctx, &queue).await?;
+            return Ok(true);
+        }
+        if ctx.replay_safe || ctx.deferrable {
             if let Some(len) = body::content_length(session) {
                 if len > 0 && len <= ctx.state.config.limits.max_buffered_body {
                     ctx.body = Some(body::capture(session, len).await?);
@@ -387,6 +573,8 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if let (Some(copy), Some(attempt)) = (&ctx.body, ctx.attempt.as_mut()) {
             body::substitute(body, end_of_stream, copy, &mut attempt.copy_sent);
+        } else if body.as_ref().is_some_and(|b| !b.is_empty()) {
+            ctx.body_streamed = true;
         }
         Ok(())
     }
@@ -406,11 +594,13 @@ impl ProxyHttp for Gateway {
         if ctx.state.is_failure_status(status) {
             let failure = Failure::Status(status);
             self.end_attempt(ctx, Err(failure));
-            if self.may_retry(session, ctx, failure) {
-                // Raised as the node's error so that error_while_proxy retries it.
+            let retry = self.may_retry(session, ctx, failure);
+            if retry || self.may_defer(ctx) {
+                // Raised as the node's error so that error_while_proxy retries it, or, on the
+                // last attempt, so that fail_to_proxy queues it instead of passing it on.
                 let mut e = Error::explain(ErrorType::HTTPStatus(status), "failure status");
                 e.as_up();
-                e.set_retry(true);
+                e.set_retry(retry);
                 return Err(e);
             }
         } else {
@@ -467,6 +657,8 @@ impl ProxyHttp for Gateway {
             self.abandon_attempt(ctx);
             ctx.tried.pop();
             ctx.stale_retries += 1;
+            // Written to a connection the node had closed: most likely unseen, but not provably.
+            ctx.maybe_sent = true;
             let retry = ctx.replay_safe && body_replayable(session, ctx);
             ctx.retry_reason = retry.then_some(RetryReason::STALE_CONNECTION);
             e.set_retry(retry);
@@ -486,7 +678,8 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    /// The final failure: weir's own answer from the last node failure, or 400 for a bad request.
+    /// The final failure: the deferred queue takes the request if it may (503 Request Buffered);
+    /// otherwise weir's own answer from the last node failure, or 400 for a bad request.
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -503,6 +696,18 @@ impl ProxyHttp for Gateway {
                 return FailToProxy {
                     error_code: resp.status.as_u16(),
                     ..done
+                };
+            }
+        }
+        if *e.esource() != ErrorSource::Downstream {
+            if let Some(answer) = self.defer(session, ctx).await {
+                let status = answer.status;
+                return match respond::send(session, ctx, &answer, false).await {
+                    Ok(()) => FailToProxy {
+                        error_code: status,
+                        ..done
+                    },
+                    Err(_) => done,
                 };
             }
         }

@@ -6,8 +6,10 @@ use http::header::{HeaderName, HeaderValue};
 use pingora::prelude::*;
 
 use super::RequestCtx;
+use crate::queue::QueueId;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_WEIR_QUEUE_ID: &str = "x-weir-queue-id";
 
 /// A response decided by weir (not proxied).
 pub struct Answer {
@@ -15,6 +17,8 @@ pub struct Answer {
     pub message: &'static str,
     /// `Retry-After` in seconds.
     pub retry_after: Option<u32>,
+    /// `X-Weir-Queue-Id` of a queued request.
+    pub queue_id: Option<QueueId>,
 }
 
 impl Answer {
@@ -23,6 +27,7 @@ impl Answer {
             status,
             message,
             retry_after: None,
+            queue_id: None,
         }
     }
 }
@@ -45,6 +50,9 @@ pub async fn send(
     resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     if let Some(secs) = answer.retry_after {
         resp.insert_header(http::header::RETRY_AFTER, secs)?;
+    }
+    if let Some(id) = answer.queue_id {
+        resp.insert_header(HeaderName::from_static(X_WEIR_QUEUE_ID), id.to_string())?;
     }
     add_common_headers(&mut resp, ctx)?;
     if close {

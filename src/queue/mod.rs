@@ -1,2 +1,564 @@
-//! Request formats today; the deferred and upfront queues build on them.
+//! The deferred and upfront queues: what weir does when it cannot (or should not yet) proxy.
+//!
+//! A queued request is kept whole (method, raw target, the headers an upstream would get, the
+//! body) in a bounded store behind the [`RequestQueue`] trait; [`memory::MemoryQueue`] is the
+//! lock-free in-memory store (crossbeam `ArrayQueue`), and a durable backend can implement the
+//! same trait later without the proxy noticing.
+//!
+//! Guarantees:
+//!
+//! - **Bounded, never blocking.** A push either takes a slot at once or is refused (`Queue
+//!   Full`); capacity counts every entry until it has left for good, including entries the
+//!   replay is delivering.
+//! - **FIFO.** The replay ([`replay`]) takes entries in queue order and keeps a taken entry
+//!   (the head) until it is delivered or dead-lettered: a failed delivery never lets anything
+//!   behind it overtake (with `replay_concurrency: 1`; above 1, dispatch is in queue order).
+//! - **No silent loss.** An entry leaves by delivery, by expiry (TTL, `max_attempts`, or a
+//!   non-replay-safe failure after it was sent) into the bounded dead-letter list, or by an
+//!   operator's purge; each of these is counted and logged with the queue id the client got.
+//!   At shutdown the entries still queued are counted, logged one by one, and exportable.
+
+pub mod delivery;
 pub mod formats;
+pub mod memory;
+pub mod replay;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prometheus::{Gauge, IntCounter, IntGauge};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use memory::MemoryQueue;
+
+/// Which queue: the label of its metrics and its name in `GET /queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    /// Requests every node failed for.
+    Deferred,
+    /// Requests accepted without being proxied (`202 Request Queued`).
+    Upfront,
+}
+
+impl QueueKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            QueueKind::Deferred => "deferred",
+            QueueKind::Upfront => "upfront",
+        }
+    }
+}
+
+/// The id a client gets in `X-Weir-Queue-Id`: 16 hex digits, a random per-process prefix and a
+/// sequence number, so ids stay unique across restarts and upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u64);
+
+impl std::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A request waiting in a queue. Cheap to clone: the byte fields are reference-counted.
+#[derive(Debug, Clone)]
+pub struct QueuedRequest {
+    pub id: QueueId,
+    pub method: http::Method,
+    /// The request target exactly as the client sent it.
+    pub target: Bytes,
+    /// `name: value\r\n` lines as an upstream gets them (hop-by-hop headers removed,
+    /// forwarding headers added); `Content-Length` is added at delivery.
+    pub headers: Bytes,
+    pub body: Bytes,
+    pub enqueued: Instant,
+    pub enqueued_unix_ms: u64,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+    /// May be sent again after it reached a node (idempotent method or `Idempotency-Key`).
+    pub replay_safe: bool,
+    pub last_error: Option<Box<str>>,
+}
+
+impl QueuedRequest {
+    /// The header lines as (name, value) pairs.
+    pub fn header_lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .split(|&b| b == b'\n')
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|&b| b == b':')?;
+                let (name, value) = line.split_at(colon);
+                Some((name, value[1..].trim_ascii()))
+            })
+            .filter(|(name, _)| !name.is_empty())
+    }
+
+    /// The serialisable form (for export to a successor process or a durable backend).
+    pub fn export(&self) -> ExportedRequest {
+        ExportedRequest {
+            id: self.id.to_string(),
+            method: self.method.as_str().to_string(),
+            target: String::from_utf8_lossy(&self.target).into_owned(),
+            headers: self
+                .header_lines()
+                .map(|(n, v)| {
+                    (
+                        String::from_utf8_lossy(n).into_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
+                .collect(),
+            body: self.body.to_vec(),
+            enqueued_unix_ms: self.enqueued_unix_ms,
+            attempts: self.attempts,
+            replay_safe: self.replay_safe,
+            last_error: self.last_error.as_deref().map(str::to_string),
+        }
+    }
+}
+
+/// A queued request in serialisable form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedRequest {
+    pub id: String,
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub enqueued_unix_ms: u64,
+    pub attempts: u32,
+    pub replay_safe: bool,
+    pub last_error: Option<String>,
+}
+
+/// The store behind a queue. Implementations must be safe to push from many threads at once;
+/// only the replay takes.
+pub trait RequestQueue: Send + Sync {
+    /// Adds at the tail, or gives the request back when the queue is full. Never blocks.
+    // The request travels by value both ways; boxing it would add an allocation per push.
+    #[allow(clippy::result_large_err)]
+    fn try_push(&self, req: QueuedRequest) -> Result<(), QueuedRequest>;
+    /// Takes the head for delivery. It keeps its slot until [`RequestQueue::finish`].
+    fn take(&self) -> Option<QueuedRequest>;
+    /// A taken entry has left for good (delivered, dead-lettered or exported).
+    fn finish(&self);
+    /// Entries occupying a slot (waiting or taken and not finished).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn capacity(&self) -> usize;
+}
+
+/// A request given up on, kept for the operator.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub method: String,
+    pub target: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Why it was given up on: `ttl`, `max_attempts` or `not_replay_safe`.
+    pub reason: &'static str,
+    pub enqueued_unix_ms: u64,
+    pub dead_unix_ms: u64,
+}
+
+/// What `GET /queue` shows for one queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStatus {
+    pub enabled: bool,
+    pub depth: usize,
+    pub capacity: usize,
+    pub oldest_age_seconds: f64,
+    pub dead_letter_capacity: usize,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// Metric handles of one queue, resolved once.
+struct QueueMetrics {
+    enqueued: IntCounter,
+    /// delivered, failed_attempt, expired, dead_letter
+    replayed: [IntCounter; 4],
+    depth: IntGauge,
+    oldest_age: Gauge,
+    dead_letters: IntGauge,
+    remaining_at_shutdown: IntGauge,
+}
+
+/// Replay outcomes, indexing `weir_deferred_replayed_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayResult {
+    Delivered = 0,
+    FailedAttempt = 1,
+    Expired = 2,
+    DeadLetter = 3,
+}
+
+/// One queue: its store, the entries the replay holds, the dead letters, and the wake-up the
+/// replay waits on.
+pub struct Queue {
+    pub kind: QueueKind,
+    store: Box<dyn RequestQueue>,
+    /// Entries taken by the replay and not finished, in queue order (replay and admin only;
+    /// the push path never touches it).
+    held: Mutex<VecDeque<QueuedRequest>>,
+    dead: Mutex<VecDeque<DeadLetter>>,
+    dead_capacity: usize,
+    /// Woken on every push and when live traffic shows a node answering again.
+    wake: Notify,
+    recovered: AtomicBool,
+    next_seq: AtomicU64,
+    id_prefix: u64,
+    metrics: QueueMetrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Queue {
+    /// A memory queue of `capacity` entries; the dead-letter list holds as many.
+    pub fn memory(kind: QueueKind, capacity: usize, metrics: &Metrics) -> Queue {
+        Queue::with_store(kind, Box::new(MemoryQueue::new(capacity)), metrics)
+    }
+
+    pub fn with_store(kind: QueueKind, store: Box<dyn RequestQueue>, metrics: &Metrics) -> Queue {
+        let label = kind.label();
+        let m = QueueMetrics {
+            enqueued: metrics.queue_enqueued.with_label_values(&[label]),
+            replayed: ["delivered", "failed_attempt", "expired", "dead_letter"]
+                .map(|r| metrics.queue_replayed.with_label_values(&[label, r])),
+            depth: metrics.queue_depth.with_label_values(&[label]),
+            oldest_age: metrics.queue_oldest_age.with_label_values(&[label]),
+            dead_letters: metrics.queue_dead_letters.with_label_values(&[label]),
+            remaining_at_shutdown: metrics
+                .queue_remaining_at_shutdown
+                .with_label_values(&[label]),
+        };
+        Queue {
+            kind,
+            dead_capacity: store.capacity().max(1),
+            store,
+            held: Mutex::new(VecDeque::new()),
+            dead: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            recovered: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
+            id_prefix: (fastrand::u64(..) & 0xff_ffff) << 40,
+            metrics: m,
+        }
+    }
+
+    /// A fresh queue id.
+    pub fn new_id(&self) -> QueueId {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1);
+        QueueId(self.id_prefix | seq)
+    }
+
+    /// Accepts `req` or gives it back when the queue is full. Lock-free.
+    #[allow(clippy::result_large_err)]
+    pub fn push(&self, req: QueuedRequest) -> Result<QueueId, QueuedRequest> {
+        let id = req.id;
+        self.store.try_push(req)?;
+        self.metrics.enqueued.inc();
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.store.capacity()
+    }
+
+    /// Live traffic reached a node: a replay waiting out its backoff may try now.
+    pub fn signal_recovery(&self) {
+        if !self.store.is_empty() && !self.recovered.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn take_recovery(&self) -> bool {
+        self.recovered.swap(false, Ordering::AcqRel)
+    }
+
+    /// Takes the next entry for the replay; it stays visible (held) until finished.
+    fn take(&self) -> Option<QueuedRequest> {
+        let req = self.store.take()?;
+        lock(&self.held).push_back(req.clone());
+        Some(req)
+    }
+
+    /// Records a changed held entry (attempts, last error).
+    fn update(&self, req: &QueuedRequest) {
+        if let Some(slot) = lock(&self.held).iter_mut().find(|r| r.id == req.id) {
+            *slot = req.clone();
+        }
+    }
+
+    /// A held entry left the queue (delivered or dead-lettered).
+    fn finish(&self, id: QueueId) {
+        let mut held = lock(&self.held);
+        if let Some(pos) = held.iter().position(|r| r.id == id) {
+            held.remove(pos);
+            self.store.finish();
+        }
+    }
+
+    fn count(&self, result: ReplayResult) {
+        self.metrics.replayed[result as usize].inc();
+    }
+
+    /// Moves a held entry to the dead letters (dropping the oldest dead letter, logged, when
+    /// the list is full).
+    fn dead_letter(&self, req: &QueuedRequest, reason: &'static str) {
+        let letter = DeadLetter {
+            id: req.id.to_string(),
+            method: req.method.as_str().to_string(),
+            target: String::from_utf8_lossy(&req.target).into_owned(),
+            attempts: req.attempts,
+            last_error: req.last_error.as_deref().map(str::to_string),
+            reason,
+            enqueued_unix_ms: req.enqueued_unix_ms,
+            dead_unix_ms: unix_ms(SystemTime::now()),
+        };
+        log::warn!(
+            "queue={} id={} {} {} dead-lettered ({reason}) after {} attempts; last error: {}",
+            self.kind.label(),
+            letter.id,
+            letter.method,
+            letter.target,
+            letter.attempts,
+            letter.last_error.as_deref().unwrap_or("none"),
+        );
+        {
+            let mut dead = lock(&self.dead);
+            if dead.len() >= self.dead_capacity {
+                if let Some(old) = dead.pop_front() {
+                    log::error!(
+                        "queue={} dead-letter list full ({}): dropping the oldest, id={} {} {}",
+                        self.kind.label(),
+                        self.dead_capacity,
+                        old.id,
+                        old.method,
+                        old.target
+                    );
+                }
+            }
+            dead.push_back(letter);
+        }
+        self.count(if reason == "ttl" {
+            ReplayResult::Expired
+        } else {
+            ReplayResult::DeadLetter
+        });
+        self.finish(req.id);
+    }
+
+    /// Purges the dead letters (`DELETE /queue/dead`); returns how many.
+    pub fn purge_dead(&self) -> usize {
+        let purged: Vec<DeadLetter> = lock(&self.dead).drain(..).collect();
+        for d in &purged {
+            log::info!(
+                "queue={} id={} {} {} purged from the dead letters by the operator",
+                self.kind.label(),
+                d.id,
+                d.method,
+                d.target
+            );
+        }
+        purged.len()
+    }
+
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.dead).iter().cloned().collect()
+    }
+
+    /// Age of the oldest entry (the head the replay holds), zero when empty.
+    pub fn oldest_age(&self) -> Duration {
+        lock(&self.held)
+            .front()
+            .map(|r| r.enqueued.elapsed())
+            .unwrap_or(Duration::ZERO)
+    }
+
+    pub fn status(&self, enabled: bool) -> QueueStatus {
+        QueueStatus {
+            enabled,
+            depth: self.len(),
+            capacity: self.capacity(),
+            oldest_age_seconds: self.oldest_age().as_secs_f64(),
+            dead_letter_capacity: self.dead_capacity,
+            dead_letters: self.dead_letters(),
+        }
+    }
+
+    /// Sets the state gauges (called before a scrape).
+    pub fn refresh_gauges(&self) {
+        self.metrics.depth.set(self.len() as i64);
+        self.metrics.oldest_age.set(self.oldest_age().as_secs_f64());
+        self.metrics.dead_letters.set(lock(&self.dead).len() as i64);
+    }
+
+    /// Empties the queue into serialisable entries, in queue order (held entries first). For a
+    /// hand-over or a durable backend; the replay must be stopped.
+    pub fn drain(&self) -> Vec<ExportedRequest> {
+        let mut out = Vec::with_capacity(self.len());
+        let held: Vec<QueuedRequest> = lock(&self.held).drain(..).collect();
+        for req in held {
+            out.push(req.export());
+            self.store.finish();
+        }
+        while let Some(req) = self.store.take() {
+            out.push(req.export());
+            self.store.finish();
+        }
+        out
+    }
+
+    /// Logs every entry still queued and sets `weir_deferred_remaining_at_shutdown`.
+    pub fn report_remaining(&self) -> usize {
+        let remaining = self.len();
+        self.metrics.remaining_at_shutdown.set(remaining as i64);
+        if remaining == 0 {
+            log::info!("queue={} empty at shutdown", self.kind.label());
+            return 0;
+        }
+        log::error!(
+            "queue={} {remaining} queued requests remain at shutdown; the memory queue does not \
+             survive the process",
+            self.kind.label()
+        );
+        for req in self.drain() {
+            log::error!(
+                "queue={} id={} {} {} remains undelivered at shutdown (attempts {}, last error: {})",
+                self.kind.label(),
+                req.id,
+                req.method,
+                req.target,
+                req.attempts,
+                req.last_error.as_deref().unwrap_or("none")
+            );
+        }
+        remaining
+    }
+}
+
+/// Both queues of a gateway.
+pub struct Queues {
+    pub deferred: std::sync::Arc<Queue>,
+    pub upfront: std::sync::Arc<Queue>,
+}
+
+impl Queues {
+    pub fn memory(deferred_capacity: usize, upfront_capacity: usize, metrics: &Metrics) -> Queues {
+        Queues {
+            deferred: std::sync::Arc::new(Queue::memory(
+                QueueKind::Deferred,
+                deferred_capacity,
+                metrics,
+            )),
+            upfront: std::sync::Arc::new(Queue::memory(
+                QueueKind::Upfront,
+                upfront_capacity,
+                metrics,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn request(q: &Queue, method: &str, target: &str) -> QueuedRequest {
+        QueuedRequest {
+            id: q.new_id(),
+            method: http::Method::from_bytes(method.as_bytes()).expect("method"),
+            target: Bytes::copy_from_slice(target.as_bytes()),
+            headers: Bytes::from_static(b"host: example\r\nx-a: 1\r\n"),
+            body: Bytes::from_static(b"body"),
+            enqueued: Instant::now(),
+            enqueued_unix_ms: 0,
+            attempts: 0,
+            replay_safe: false,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_request_back_and_counts_taken_entries() {
+        let m = Metrics::new();
+        let q = Queue::memory(QueueKind::Deferred, 2, &m);
+        assert!(q.push(request(&q, "POST", "/1")).is_ok());
+        assert!(q.push(request(&q, "POST", "/2")).is_ok());
+        assert!(q.push(request(&q, "POST", "/3")).is_err());
+        let head = q.take().expect("head");
+        // Taken but not finished: still occupies its slot.
+        assert!(q.push(request(&q, "POST", "/4")).is_err());
+        q.finish(head.id);
+        assert!(q.push(request(&q, "POST", "/5")).is_ok());
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn drain_exports_held_entries_first_in_queue_order() {
+        let m = Metrics::new();
+        let q = Queue::memory(QueueKind::Deferred, 4, &m);
+        for t in ["/1", "/2", "/3"] {
+            assert!(q.push(request(&q, "PUT", t)).is_ok());
+        }
+        let _head = q.take();
+        let out = q.drain();
+        let targets: Vec<&str> = out.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["/1", "/2", "/3"]);
+        assert_eq!(out[0].headers[1], ("x-a".to_string(), "1".to_string()));
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_and_purged() {
+        let m = Metrics::new();
+        let q = Queue::memory(QueueKind::Upfront, 1, &m);
+        for t in ["/1", "/2"] {
+            assert!(q.push(request(&q, "POST", t)).is_ok());
+            let r = q.take().expect("taken");
+            q.dead_letter(&r, "ttl");
+        }
+        let dead = q.dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].target, "/2");
+        assert_eq!(q.purge_dead(), 1);
+        assert!(q.dead_letters().is_empty());
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn queue_ids_are_distinct_16_hex_digits() {
+        let m = Metrics::new();
+        let q = Queue::memory(QueueKind::Deferred, 1, &m);
+        let (a, b) = (q.new_id(), q.new_id());
+        assert_ne!(a, b);
+        assert_eq!(a.to_string().len(), 16);
+    }
+}

@@ -309,6 +309,18 @@ impl Gateway {
         Ok(c.send(&Request::get("/healthz")).await?.status)
     }
 
+    /// Waits (bounded, polling) for the child to exit; returns whether it did.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// The proxy listener.
     pub fn addr(&self) -> SocketAddr {
         self.listen
@@ -316,21 +328,6 @@ impl Gateway {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
-    }
-
-    /// Waits (bounded) for the gateway process to exit on its own; its exit status.
-    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        let until = Instant::now() + deadline;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            // Another process's exit cannot be awaited from tokio without owning a pidfd.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     pub fn dir(&self) -> &Path {

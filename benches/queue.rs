@@ -1,0 +1,147 @@
+//! The queue's hot path and footprint: push + take + finish on the lock-free memory store,
+//! single-threaded and with 2 producers + 1 consumer, and the bytes of memory one queued request
+//! with a 1 KiB body costs (counted by a wrapping global allocator, plus the ring slot).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use weir::metrics::Metrics;
+use weir::queue::memory::MemoryQueue;
+use weir::queue::{unix_ms, Queue, QueueKind, QueuedRequest, RequestQueue};
+
+/// Counts live heap bytes so that the footprint of queued requests can be measured.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// A request as `proxy::defer::entry` builds it: exact-size target, header block and body.
+fn request(id: u64, body_len: usize) -> QueuedRequest {
+    let headers = "host: api.example.com\r\nuser-agent: curl/8.5.0\r\naccept: */*\r\n\
+                   content-type: application/json\r\nx-forwarded-for: 10.0.0.7\r\n\
+                   x-forwarded-proto: http\r\nx-request-id: 3f2a9c0e7b1d4e5fa6c8b9d0e1f2a3b4\r\n";
+    QueuedRequest {
+        id: weir::queue::QueueId(id),
+        method: http::Method::POST,
+        target: Bytes::copy_from_slice(b"/api/v1/orders?tenant=42"),
+        headers: Bytes::from(headers.as_bytes().to_vec().into_boxed_slice()),
+        body: Bytes::from(vec![b'x'; body_len].into_boxed_slice()),
+        enqueued: tokio::time::Instant::now(),
+        enqueued_unix_ms: unix_ms(SystemTime::now()),
+        attempts: 0,
+        replay_safe: false,
+        last_error: None,
+    }
+}
+
+fn push_take(c: &mut Criterion) {
+    let mut g = c.benchmark_group("queue");
+    g.throughput(Throughput::Elements(1));
+    let q = MemoryQueue::new(4096);
+    let template = request(1, 1024);
+    g.bench_function("push_take_finish_1_thread", |b| {
+        b.iter(|| {
+            let _ = q.try_push(black_box(template.clone()));
+            let r = q.take();
+            q.finish();
+            black_box(r)
+        })
+    });
+
+    // 2 producers + 1 consumer, 2 x 50k entries through a 4096-entry queue per iteration.
+    const PER_PRODUCER: u64 = 50_000;
+    g.throughput(Throughput::Elements(2 * PER_PRODUCER));
+    g.sample_size(10);
+    g.bench_function("push_take_2_producers_1_consumer", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let q = Arc::new(MemoryQueue::new(4096));
+                let started = Instant::now();
+                let producers: Vec<_> = (0..2)
+                    .map(|_| {
+                        let q = q.clone();
+                        let t = template.clone();
+                        std::thread::spawn(move || {
+                            for _ in 0..PER_PRODUCER {
+                                let mut r = t.clone();
+                                loop {
+                                    match q.try_push(r) {
+                                        Ok(()) => break,
+                                        Err(back) => {
+                                            r = back;
+                                            std::thread::yield_now();
+                                        }
+                                    }
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                let mut taken = 0;
+                while taken < 2 * PER_PRODUCER {
+                    if q.take().is_some() {
+                        q.finish();
+                        taken += 1;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                for p in producers {
+                    let _ = p.join();
+                }
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+/// Heap bytes per queued request with a 1 KiB body, printed once (not a timing).
+fn memory_per_request(_c: &mut Criterion) {
+    const N: usize = 10_000;
+    let metrics = Metrics::new();
+    let before_queue = LIVE.load(Ordering::Relaxed);
+    let q = Queue::memory(QueueKind::Deferred, N, &metrics);
+    let empty_queue = LIVE.load(Ordering::Relaxed) - before_queue;
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..N {
+        if q.push(request(i as u64, 1024)).is_err() {
+            panic!("queue full at {i}");
+        }
+    }
+    let entries = LIVE.load(Ordering::Relaxed) - before;
+    let per_entry = entries as f64 / N as f64;
+    let per_slot = empty_queue as f64 / N as f64;
+    println!(
+        "queue/memory_per_request_1KiB_body: {:.0} B heap per entry (1024 B body) + {:.0} B \
+         preallocated ring slot = {:.0} B; struct {} B",
+        per_entry,
+        per_slot,
+        per_entry + per_slot,
+        std::mem::size_of::<QueuedRequest>()
+    );
+    black_box(&q);
+}
+
+criterion_group!(benches, push_take, memory_per_request);
+criterion_main!(benches);

@@ -1,0 +1,187 @@
+//! Delivery of a queued request through the live gateway: the router of the current `State`
+//! picks the node (select/start/finish, so node scores learn from replays), the node's prebuilt
+//! Pingora peer carries the configured connect/request timeouts and TLS, and the same retry rule
+//! as live traffic decides whether another node may be tried after a failure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora_core::connectors::http::Connector;
+use smallvec::SmallVec;
+
+use super::replay::{Deliver, Delivery};
+use super::QueuedRequest;
+use crate::proxy::failures::Failure;
+use crate::proxy::{Gateway, State};
+use crate::queue::QueueKind;
+
+/// How much of a replayed request's response body is read (and thrown away) before the
+/// connection is dropped.
+const MAX_RESPONSE_DRAIN: usize = 1 << 20;
+
+pub struct GatewayDelivery {
+    gateway: Arc<Gateway>,
+    kind: QueueKind,
+    connector: Connector,
+}
+
+impl GatewayDelivery {
+    pub fn new(gateway: Arc<Gateway>, kind: QueueKind) -> GatewayDelivery {
+        GatewayDelivery {
+            gateway,
+            kind,
+            connector: Connector::new(None),
+        }
+    }
+
+    fn replay_unsafe(&self, state: &State) -> bool {
+        match self.kind {
+            QueueKind::Deferred => state.config.deferred_queue.replay_unsafe,
+            QueueKind::Upfront => state.config.upfront_queue.replay_unsafe,
+        }
+    }
+
+    /// One attempt on one node: `Ok(status)` for any complete response header.
+    async fn attempt(&self, state: &State, node: usize, req: &QueuedRequest) -> Result<u16> {
+        let n = &state.nodes[node];
+        let (mut session, _reused) = self.connector.get_http_session(&n.peer).await?;
+        session.set_read_timeout(state.config.timeouts.request);
+        session.set_write_timeout(state.config.timeouts.request);
+        let head = request_head(req, state, node)?;
+        let exchange = async {
+            session.write_request_header(Box::new(head)).await?;
+            if !req.body.is_empty() {
+                session.write_request_body(req.body.clone(), true).await?;
+            }
+            session.finish_request_body().await?;
+            loop {
+                session.read_response_header().await?;
+                let status = session
+                    .response_header()
+                    .map(|r| r.status.as_u16())
+                    .unwrap_or(0);
+                if !(100..200).contains(&status) || status == 101 {
+                    return Ok::<u16, Box<Error>>(status);
+                }
+            }
+        };
+        let status = exchange.await.map_err(|mut e| {
+            e.as_up();
+            e
+        })?;
+        // Read the answer off the wire (bounded) so the node sees a normal exchange.
+        let mut drained = 0usize;
+        while drained < MAX_RESPONSE_DRAIN {
+            match session.read_response_body().await {
+                Ok(Some(chunk)) => drained += chunk.len(),
+                _ => break,
+            }
+        }
+        session.shutdown().await;
+        Ok(status)
+    }
+}
+
+/// The request head for one attempt: method, raw target, the stored header lines, the Host
+/// policy and the body length.
+fn request_head(req: &QueuedRequest, state: &State, node: usize) -> Result<RequestHeader> {
+    let mut head = RequestHeader::build(req.method.clone(), &req.target, Some(16))?;
+    let rewrite_host = state.config.upstream_host == crate::config::UpstreamHost::Rewrite;
+    for (name, value) in req.header_lines() {
+        if rewrite_host && name.eq_ignore_ascii_case(b"host") {
+            continue;
+        }
+        let (Ok(name), Ok(value)) = (
+            http::header::HeaderName::from_bytes(name),
+            http::header::HeaderValue::from_bytes(value),
+        ) else {
+            continue;
+        };
+        head.append_header(name, value)?;
+    }
+    if rewrite_host {
+        head.insert_header(http::header::HOST, state.nodes[node].host_header.clone())?;
+    }
+    let body_method = matches!(req.method.as_str(), "POST" | "PUT" | "PATCH");
+    if !req.body.is_empty() || body_method {
+        head.insert_header(http::header::CONTENT_LENGTH, req.body.len())?;
+    }
+    Ok(head)
+}
+
+#[async_trait]
+impl Deliver for GatewayDelivery {
+    async fn deliver(&self, req: &QueuedRequest) -> Delivery {
+        let state = self.gateway.state();
+        let limit = state.attempts.min(state.nodes.len());
+        let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
+        let mut sent = false;
+        let mut last_error = String::from("no upstream is configured");
+        // A backstop over Pingora's per-operation timeouts.
+        let bound = state.config.timeouts.connect
+            + state
+                .config
+                .timeouts
+                .request
+                .unwrap_or(Duration::from_secs(60))
+                * 3;
+        while tried.len() < limit {
+            let Some(node) = state.router.select(&tried, fastrand::f64()) else {
+                break;
+            };
+            tried.push(node);
+            state.router.start(node);
+            let started = Instant::now();
+            let result = match tokio::time::timeout(bound, self.attempt(&state, node, req)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::explain(ErrorType::ReadTimedout, "replay attempt").into_up()),
+            };
+            let url = &state.nodes[node].upstream.url;
+            let failure = match result {
+                Ok(status) if !state.is_failure_status(status) => {
+                    self.gateway
+                        .record_attempt(&state, node, Ok(()), started.elapsed());
+                    return Delivery::Delivered {
+                        status,
+                        node: url.clone(),
+                    };
+                }
+                Ok(status) => Failure::Status(status),
+                Err(e) if is_connect_error(&e) => Failure::from_connect_error(&e),
+                Err(e) => Failure::from_proxy_error(&e).unwrap_or(Failure::Reset),
+            };
+            self.gateway
+                .record_attempt(&state, node, Err(failure), started.elapsed());
+            last_error = format!("{url}: {}", failure.label());
+            if !failure.nothing_sent() {
+                sent = true;
+                if !(req.replay_safe || self.replay_unsafe(&state)) {
+                    break;
+                }
+            }
+        }
+        Delivery::Failed {
+            error: last_error,
+            sent,
+        }
+    }
+}
+
+fn is_connect_error(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::BindError
+            | ErrorType::SocketError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+            | ErrorType::ConnectProxyFailure
+    )
+}
