@@ -94,6 +94,16 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         admin.add_tcp(addr);
         server.add_service(admin);
     }
+    let handover = crate::queue::handover::socket_path(&config.server.upgrade_sock);
+    if opts.upgrade {
+        server.add_service(background_service(
+            "weir queue hand-over",
+            HandoverReceiver {
+                path: handover.clone(),
+                queues: gateway.queues.clone(),
+            },
+        ));
+    }
     for queue in [&gateway.queues.deferred, &gateway.queues.upfront] {
         let kind = queue.kind;
         let g = gateway.clone();
@@ -115,6 +125,7 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
                     grace: state.config.server.grace_period,
                 }
             }),
+            handover: Some(handover.clone()),
         };
         server.add_service(background_service(
             &format!("weir replay {}", kind.label()),
@@ -180,6 +191,19 @@ impl BackgroundService for Signals {
 
 /// The replay of one queue, run until the shutdown signal plus the grace period.
 struct ReplayService(Replay<GatewayDelivery>);
+
+/// In a successor (`weir run -u`): takes the old process's queues over.
+struct HandoverReceiver {
+    path: PathBuf,
+    queues: Arc<crate::queue::Queues>,
+}
+
+#[async_trait]
+impl BackgroundService for HandoverReceiver {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        crate::queue::handover::receive(self.path.clone(), self.queues.clone()).await;
+    }
+}
 
 #[async_trait]
 impl BackgroundService for ReplayService {

@@ -37,7 +37,12 @@ fn load(
                     }
                     let req = support::Request::get(&format!("/c{c}/{i}"));
                     let mut result = gw.try_send(&req).await;
-                    if matches!(&result, Err(e) if e.to_string().contains("(got \"\")")) {
+                    // Closed or reset before any response byte: the request was never read.
+                    let unread = |e: &std::io::Error| {
+                        e.kind() == std::io::ErrorKind::ConnectionReset
+                            || e.to_string().contains("(got \"\")")
+                    };
+                    if matches!(&result, Err(e) if unread(e)) {
                         closes.fetch_add(1, Ordering::Relaxed);
                         result = gw.try_send(&req).await;
                     }
@@ -274,4 +279,102 @@ async fn upgrade_under_load_loses_no_request() {
         upgrade_took
     );
     assert!(bad.is_empty(), "requests lost during the upgrade: {bad:?}");
+}
+
+fn process_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_survive_an_upgrade_and_are_delivered_once_in_order() {
+    let a = Upstream::start_down("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml("deferred_queue: {enabled: true}\nserver: {grace_period: 1s, graceful_shutdown_timeout: 1s}")
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    for req in [
+        support::Request::post("/one", "1"),
+        support::Request::put("/two", "2"),
+        support::Request::new("DELETE", "/three"),
+    ] {
+        let resp = gw.send(&req).await;
+        resp.assert_sq_msg(503, "Request Buffered");
+        ids.push(
+            resp.header("x-weir-queue-id")
+                .expect("queue id")
+                .to_string(),
+        );
+    }
+
+    let successor_log = gw.dir().join("successor.log");
+    let mut successor = Command::new(support::WEIR)
+        .args(["run", "-u", "-c"])
+        .arg(gw.config_path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&successor_log).expect("log file"))
+        .spawn()
+        .expect("start the successor");
+    let sock = gw.dir().join("weir_upgrade.sock");
+    wait_until(
+        "the successor's upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists(),
+    )
+    .await;
+    gw.signal("QUIT");
+    let old = gw.pid();
+    wait_until("the old process to exit", Duration::from_secs(20), || {
+        process_gone(old)
+    })
+    .await;
+    assert_eq!(
+        a.count(),
+        0,
+        "nothing was delivered while the node was down"
+    );
+
+    // The node comes back: the successor, not the old process, delivers.
+    a.up().await;
+    let deadline = Duration::from_secs(15);
+    let result = tokio::time::timeout(deadline, a.wait_for_count(3, deadline)).await;
+    let old_log = gw.logs();
+    let new_log = std::fs::read_to_string(&successor_log).unwrap_or_default();
+    let _ = successor.kill();
+    let _ = successor.wait();
+    assert!(
+        result.is_ok(),
+        "not delivered\nold:\n{old_log}\nnew:\n{new_log}"
+    );
+    let got: Vec<(String, String)> = a
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.target.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("POST".to_string(), "/one".to_string()),
+            ("PUT".to_string(), "/two".to_string()),
+            ("DELETE".to_string(), "/three".to_string())
+        ],
+        "delivered exactly once, in order"
+    );
+    assert!(
+        old_log.contains("handed 3 queued requests over to the successor"),
+        "old process log:\n{old_log}"
+    );
+    assert!(
+        new_log.contains("took over 3 queued requests"),
+        "successor log:\n{new_log}"
+    );
+    // The head's delivery is logged under the id its client got before the upgrade.
+    assert!(
+        new_log.contains(&format!("id={} POST /one delivered", ids[0])),
+        "queue id {} kept across the upgrade:\n{new_log}",
+        ids[0]
+    );
 }

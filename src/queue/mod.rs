@@ -20,6 +20,7 @@
 
 pub mod delivery;
 pub mod formats;
+pub mod handover;
 pub mod memory;
 pub mod replay;
 
@@ -215,6 +216,8 @@ pub struct Queue {
     /// Woken on every push and when live traffic shows a node answering again.
     wake: Notify,
     recovered: AtomicBool,
+    /// This process is a successor still taking a queue over: it must not offer to itself.
+    pub(crate) receiving_handover: AtomicBool,
     next_seq: AtomicU64,
     id_prefix: u64,
     metrics: QueueMetrics,
@@ -257,6 +260,7 @@ impl Queue {
             dead: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             recovered: AtomicBool::new(false),
+            receiving_handover: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             id_prefix: (fastrand::u64(..) & 0xff_ffff) << 40,
             metrics: m,

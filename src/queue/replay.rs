@@ -137,6 +137,8 @@ pub struct Replay<D: Deliver> {
     pub queue: Arc<Queue>,
     pub deliver: Arc<D>,
     pub settings: Arc<dyn Fn() -> ReplaySettings + Send + Sync>,
+    /// Where a successor process (zero-downtime upgrade) takes the queue over at shutdown.
+    pub handover: Option<std::path::PathBuf>,
 }
 
 /// An entry taken from the queue, with its position for re-insertion.
@@ -162,6 +164,10 @@ impl<D: Deliver> Replay<D> {
         let mut pacer = Pacer::new();
         let mut order = 0u64;
         let mut stop_at: Option<Instant> = None;
+        // Shutting down with a successor waiting: no new deliveries until the queue is handed
+        // over (after the ones in flight finish, so nothing is both delivered and handed over).
+        let mut handing_over = false;
+        let mut successor = false;
         if *shutdown.borrow() {
             stop_at = Some(Instant::now() + (self.settings)().grace.saturating_sub(REPORT_MARGIN));
         }
@@ -173,8 +179,16 @@ impl<D: Deliver> Replay<D> {
                 break;
             }
             let concurrency = s.concurrency.max(1);
+            if handing_over && inflight.is_empty() {
+                handing_over = false;
+                // Every entry `waiting` holds is in the queue's held list, which the
+                // hand-over drains.
+                waiting.clear();
+                successor = self.hand_over().await;
+                continue;
+            }
             // Take eagerly: the held head is what `oldest_age` and the admin view show.
-            while waiting.len() + inflight.len() < concurrency {
+            while !handing_over && waiting.len() + inflight.len() < concurrency {
                 let Some(req) = queue.take() else { break };
                 order += 1;
                 waiting.push_back(Taken { order, req });
@@ -192,6 +206,7 @@ impl<D: Deliver> Replay<D> {
             });
             let mut wake_at: Option<Instant> = waiting.iter().map(|t| t.req.enqueued + s.ttl).min();
             match gate {
+                _ if handing_over => {}
                 Some(at) if now < at => wake_at = earliest(wake_at, at),
                 _ => {
                     gate = None;
@@ -287,6 +302,8 @@ impl<D: Deliver> Replay<D> {
                         queue.len()
                     );
                     stop_at = Some(Instant::now() + grace.saturating_sub(REPORT_MARGIN));
+                    handing_over = self.handover.as_deref().is_some_and(|p| p.exists())
+                        && !queue.receiving_handover.load(std::sync::atomic::Ordering::Acquire);
                 }
                 _ = sleep_until(stop_at.unwrap_or(now)), if stop_at.is_some() => break,
             }
@@ -294,7 +311,44 @@ impl<D: Deliver> Replay<D> {
         // Deliveries still in flight are abandoned; their entries stay held and are reported.
         inflight.abort_all();
         while inflight.join_next().await.is_some() {}
+        if successor && !queue.is_empty() {
+            // Requests buffered by this process during its grace period follow the others.
+            self.hand_over().await;
+        }
         queue.report_remaining();
+    }
+
+    /// Gives every queued request to the successor; on any failure they are put back, in
+    /// order, and this process goes on as if there were no successor. True when handed over.
+    async fn hand_over(&self) -> bool {
+        let Some(path) = self.handover.as_deref() else {
+            return false;
+        };
+        let queue = &self.queue;
+        let label = queue.kind.label();
+        let entries = queue.drain();
+        match super::handover::offer(path, queue.kind, &entries).await {
+            Ok(n) => {
+                log::warn!("queue={label} handed {n} queued requests over to the successor");
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "queue={label} no hand-over ({e}); keeping {} requests",
+                    entries.len()
+                );
+                for exported in entries {
+                    let id = exported.id.clone();
+                    let back = super::handover::import(exported).map_err(|e| e.to_string());
+                    if let Err(e) =
+                        back.and_then(|r| queue.push(r).map_err(|_| "queue full".into()))
+                    {
+                        log::error!("queue={label} id={id} lost while putting it back: {e}");
+                    }
+                }
+                false
+            }
+        }
     }
 }
 
@@ -382,6 +436,7 @@ mod tests {
             queue: queue.clone(),
             deliver: cluster,
             settings: Arc::new(move || s),
+            handover: None,
         };
         let task = tokio::spawn(async move { replay.run(rx, fastrand::Rng::with_seed(1)).await });
         Harness {

@@ -1,0 +1,261 @@
+//! Queue hand-over on a zero-downtime upgrade.
+//!
+//! A successor started with `weir run -u` listens on a unix socket next to Pingora's upgrade
+//! socket (`<server.upgrade_sock>.queue`) for a bounded window. When the old process shuts
+//! down, each queue's replay stops taking new work, lets deliveries in flight finish, and, if a
+//! successor answers on that socket, sends it every request still queued, in queue order, one
+//! JSON line each, then waits for `ok <n>`. Only after that acknowledgement are the requests the
+//! successor's; if anything fails they are put back and the old process carries on as it would
+//! without a successor (replay through the grace period, then a report of what is left).
+//! Both sides log the count; queue ids, attempts, age (for the TTL) and last errors travel with
+//! the requests, so a client's `X-Weir-Queue-Id` stays valid across the upgrade.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::{unix_ms, ExportedRequest, Queue, QueueId, QueueKind, QueuedRequest, Queues};
+
+/// How long a successor accepts hand-overs after it starts (the old process gets SIGQUIT
+/// within Pingora's 5 s fd hand-over, then lingers 5 s before its shutdown begins).
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// How long the old process waits for the successor's acknowledgement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest hand-over line accepted (a request with a body up to a few MiB, JSON-encoded).
+const MAX_LINE: usize = 64 * 1024 * 1024;
+
+/// The hand-over socket for a given Pingora upgrade socket.
+pub fn socket_path(upgrade_sock: &Path) -> PathBuf {
+    let mut p = upgrade_sock.as_os_str().to_owned();
+    p.push(".queue");
+    PathBuf::from(p)
+}
+
+/// A queued request rebuilt from its exported form (in the successor).
+pub fn import(e: ExportedRequest) -> Result<QueuedRequest, String> {
+    let id = u64::from_str_radix(&e.id, 16).map_err(|_| format!("bad queue id {:?}", e.id))?;
+    let method = http::Method::from_bytes(e.method.as_bytes())
+        .map_err(|_| format!("bad method {:?}", e.method))?;
+    let mut headers = BytesMut::new();
+    for (name, value) in &e.headers {
+        headers.put_slice(name.as_bytes());
+        headers.put_slice(b": ");
+        headers.put_slice(value.as_bytes());
+        headers.put_slice(b"\r\n");
+    }
+    // The age carries over, so the TTL counts from the original arrival.
+    let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(e.enqueued_unix_ms));
+    let enqueued = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    Ok(QueuedRequest {
+        id: QueueId(id),
+        method,
+        target: Bytes::from(e.target.into_bytes()),
+        headers: headers.freeze(),
+        body: Bytes::from(e.body),
+        enqueued,
+        enqueued_unix_ms: e.enqueued_unix_ms,
+        attempts: e.attempts,
+        replay_safe: e.replay_safe,
+        last_error: e.last_error.map(String::into_boxed_str),
+    })
+}
+
+/// Old process: offers `entries` of `kind` to a successor. `Ok(n)` once the successor
+/// acknowledged all `n`; `Err` (nothing taken over) when there is no successor or it failed.
+pub async fn offer(
+    path: &Path,
+    kind: QueueKind,
+    entries: &[ExportedRequest],
+) -> Result<usize, String> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("no successor on {}: {e}", path.display()))?;
+    let send = async {
+        let mut out = Vec::with_capacity(64 + entries.len() * 512);
+        out.extend_from_slice(kind.label().as_bytes());
+        out.push(b'\n');
+        for e in entries {
+            serde_json::to_writer(&mut out, e).map_err(|e| e.to_string())?;
+            out.push(b'\n');
+        }
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())?;
+        let mut ack = String::new();
+        stream
+            .read_to_string(&mut ack)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(ack)
+    };
+    let ack = tokio::time::timeout(ACK_TIMEOUT, send)
+        .await
+        .map_err(|_| "the successor did not acknowledge in time".to_string())??;
+    match ack.trim().strip_prefix("ok ").map(str::parse::<usize>) {
+        Some(Ok(n)) if n == entries.len() => Ok(n),
+        _ => Err(format!("unexpected acknowledgement {ack:?}")),
+    }
+}
+
+/// Successor: accepts hand-overs for [`WINDOW`], importing each request at the tail of its
+/// queue. Requests that do not fit are logged one by one (never dropped silently).
+pub async fn receive(path: PathBuf, queues: Arc<Queues>) {
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("queue hand-over: cannot listen on {}: {e}", path.display());
+            return;
+        }
+    };
+    let receiving = |on: bool| {
+        for q in [&queues.deferred, &queues.upfront] {
+            q.receiving_handover
+                .store(on, std::sync::atomic::Ordering::Release);
+        }
+    };
+    receiving(true);
+    let until = tokio::time::Instant::now() + WINDOW;
+    while let Ok(Ok((stream, _))) = tokio::time::timeout_at(until, listener.accept()).await {
+        let queues = queues.clone();
+        tokio::spawn(async move {
+            if let Err(e) = take_over(stream, &queues).await {
+                log::error!("queue hand-over failed: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+    receiving(false);
+}
+
+async fn take_over(stream: UnixStream, queues: &Queues) -> Result<(), String> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    lines
+        .read_line(&mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    let queue: &Queue = match line.trim() {
+        "deferred" => &queues.deferred,
+        "upfront" => &queues.upfront,
+        other => return Err(format!("unknown queue {other:?}")),
+    };
+    let mut taken = 0usize;
+    let mut refused = 0usize;
+    loop {
+        line.clear();
+        let n = lines
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        if line.len() > MAX_LINE {
+            return Err("hand-over line too long".into());
+        }
+        let exported: ExportedRequest =
+            serde_json::from_str(line.trim_end()).map_err(|e| format!("bad entry: {e}"))?;
+        let req = import(exported)?;
+        let (id, method, target) = (req.id, req.method.clone(), req.target.clone());
+        match queue.push(req) {
+            Ok(_) => taken += 1,
+            Err(_) => {
+                refused += 1;
+                log::error!(
+                    "queue={} id={id} {method} {} handed over but the queue is full: not kept",
+                    queue.kind.label(),
+                    String::from_utf8_lossy(&target)
+                );
+            }
+        }
+    }
+    log::warn!(
+        "queue={} took over {taken} queued requests from the previous process{}",
+        queue.kind.label(),
+        if refused > 0 {
+            format!(" ({refused} did not fit and were logged)")
+        } else {
+            String::new()
+        }
+    );
+    queue.signal_recovery();
+    write
+        .write_all(format!("ok {}\n", taken + refused).as_bytes())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn exported(id: &str, target: &str) -> ExportedRequest {
+        ExportedRequest {
+            id: id.into(),
+            method: "POST".into(),
+            target: target.into(),
+            headers: vec![("x-a".into(), "1".into())],
+            body: b"body".to_vec(),
+            enqueued_unix_ms: unix_ms(SystemTime::now()) - 1_000,
+            attempts: 2,
+            replay_safe: false,
+            last_error: Some("connect refused".into()),
+        }
+    }
+
+    #[test]
+    fn an_imported_request_keeps_its_id_attempts_and_age() {
+        let req = import(exported("00000a0000000007", "/x?y")).expect("valid");
+        assert_eq!(req.id, QueueId(0xa0000000007));
+        assert_eq!(req.id.to_string(), "00000a0000000007");
+        assert_eq!(&req.target[..], b"/x?y");
+        assert_eq!(&req.headers[..], b"x-a: 1\r\n");
+        assert_eq!(req.attempts, 2);
+        assert!(req.enqueued.elapsed() >= Duration::from_millis(900));
+        assert!(import(exported("zz", "/")).is_err());
+    }
+
+    #[tokio::test]
+    async fn requests_offered_to_a_successor_arrive_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_path(&dir.path().join("up.sock"));
+        let metrics = Metrics::new();
+        let queues = Arc::new(Queues::memory(8, 8, &metrics));
+        let receiver = tokio::spawn(receive(path.clone(), queues.clone()));
+        while !path.exists() {
+            tokio::task::yield_now().await;
+        }
+        let entries: Vec<_> = (1..=3)
+            .map(|i| exported(&format!("{i:016x}"), &format!("/r{i}")))
+            .collect();
+        let n = offer(&path, QueueKind::Deferred, &entries)
+            .await
+            .expect("taken");
+        assert_eq!(n, 3);
+        let got: Vec<_> = queues
+            .deferred
+            .drain()
+            .into_iter()
+            .map(|e| e.target)
+            .collect();
+        assert_eq!(got, ["/r1", "/r2", "/r3"]);
+        receiver.abort();
+    }
+
+    #[tokio::test]
+    async fn without_a_successor_the_offer_fails_and_nothing_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_path(&dir.path().join("none.sock"));
+        let e = offer(&path, QueueKind::Deferred, &[exported("1", "/")]).await;
+        assert!(e.is_err());
+    }
+}
