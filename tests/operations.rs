@@ -195,11 +195,13 @@ async fn weir_reload_command_signals_the_running_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_under_load_loses_no_request() {
+async fn reload_then_upgrade_under_load_lose_no_request() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let d = Upstream::start("d").await;
     let gw = Gateway::builder()
-        .upstreams([&a, &b])
+        .upstreams([&a, &b, &c])
         .yaml("server: {grace_period: 1s, graceful_shutdown_timeout: 1s}\nlog: {access: off}")
         .start()
         .await;
@@ -215,6 +217,17 @@ async fn upgrade_under_load_loses_no_request() {
     })
     .await;
 
+    // (a) Reload: a fourth node joins, the first leaves.
+    let new = yaml_with_upstreams(gw.config_text(), &[b.url(), c.url(), d.url()]);
+    std::fs::write(gw.config_path(), new).expect("rewrite config");
+    gw.signal("HUP");
+    wait_until("the added node's traffic", Duration::from_secs(10), || {
+        d.count() >= 20
+    })
+    .await;
+    let a_after_reload = a.count();
+
+    // (b) Upgrade to a second process (which reads the reloaded file).
     let started = std::time::Instant::now();
     let log = std::fs::File::create(gw.dir().join("successor.log")).expect("log file");
     let mut successor = Command::new(support::WEIR)
@@ -278,7 +291,15 @@ async fn upgrade_under_load_loses_no_request() {
         closes.load(Ordering::Relaxed),
         upgrade_took
     );
-    assert!(bad.is_empty(), "requests lost during the upgrade: {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "requests lost during the reload or upgrade: {bad:?}"
+    );
+    assert!(
+        a.count() <= a_after_reload + 4,
+        "the removed node got traffic after the reload: {a_after_reload} then {}",
+        a.count()
+    );
 }
 
 fn process_gone(pid: u32) -> bool {

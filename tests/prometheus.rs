@@ -14,10 +14,14 @@ use tokio::time::Instant;
 const DASHBOARD: &str = include_str!("../grafana/weir.json");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_series() {
+async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_change() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let gw = Gateway::builder().upstreams([&a, &b]).start().await;
+    let gw = Gateway::builder()
+        .upstreams([&a, &b])
+        .yaml("deferred_queue: {enabled: true}")
+        .start()
+        .await;
     let prom = Prometheus::start(gw.admin_addr()).await;
     let b_url = b.url();
     let rate_of_b = format!(r#"weir_upstream_error_rate{{upstream="{b_url}"}}"#);
@@ -85,12 +89,33 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_series() {
         "{retries:?}"
     );
 
-    // The queues are not in this build yet: their series exist, at zero.
-    let depth = prom.values_by("weir_deferred_queue_depth", "queue").await;
-    let mut queues: Vec<&str> = depth.iter().map(|(q, _)| q.as_str()).collect();
-    queues.sort_unstable();
-    assert_eq!(queues, ["deferred", "upfront"]);
-    assert!(depth.iter().all(|(_, v)| *v == 0.0), "{depth:?}");
+    // Both nodes down: a POST is buffered, and Prometheus sees the queue depth rise; once a
+    // node is back the replay delivers it and the depth falls back to zero.
+    a.down().await;
+    let resp = gw.send(&support::Request::post("/order", "x")).await;
+    resp.assert_sq_msg(503, "Request Buffered");
+    let depth_is = |want: f64| {
+        let prom = &prom;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let depth = prom.values_by("weir_deferred_queue_depth", "queue").await;
+                if depth.iter().any(|(q, v)| q == "deferred" && *v == want) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "Prometheus never saw a deferred depth of {want}: {depth:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    depth_is(1.0).await;
+    let served = a.count();
+    a.up().await;
+    a.wait_for_count(served + 1, Duration::from_secs(15)).await;
+    depth_is(0.0).await;
 
     // Every dashboard expression parses and returns series from what was scraped.
     let dashboard: Value = serde_json::from_str(DASHBOARD).expect("dashboard JSON");
