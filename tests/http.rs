@@ -235,3 +235,70 @@ async fn client_connection_is_kept_alive_across_requests() {
     }
     assert_eq!(up.count(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connection_is_closed_after_the_keepalive_timeout() {
+    let a = Upstream::start("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml("timeouts: {keepalive: 1s}")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    // Reads until the server closes the idle connection (or 6 s pass).
+    let raw = support::client::exchange_raw(
+        gw.addr(),
+        b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(6),
+    )
+    .await
+    .expect("exchange");
+    let idle = started.elapsed();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        "connection closed after {idle:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_written_as_serviceq_error_lines() {
+    let a = Upstream::start("a").await;
+    let dead = Upstream::start_down("dead").await;
+    let gw = Gateway::builder().upstreams([&dead, &a]).start().await;
+    for i in 0..10 {
+        assert_eq!(gw.get(&format!("/e{i}")).await.status, 200);
+    }
+    let file = gw.dir().join("weir_error.log");
+    let want = format!(
+        "Error detected on {} [Code: 701, UPSTREAM_DOWN]",
+        dead.url()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if text.contains(&want) {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `{want}` in the error log:\n{text}"
+        );
+        // The log is written by its own thread; poll the file.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let line = text.lines().find(|l| l.contains(&want)).unwrap_or_default();
+    // `weir: 2026/11/24 06:25:46 Error detected on ...`
+    let stamp = line
+        .strip_prefix("weir: ")
+        .and_then(|rest| rest.get(..19))
+        .unwrap_or_default();
+    assert!(
+        stamp.len() == 19 && stamp.as_bytes()[4] == b'/' && stamp.as_bytes()[13] == b':',
+        "line shape: {line}"
+    );
+}
