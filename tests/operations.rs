@@ -71,6 +71,30 @@ async fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool)
     }
 }
 
+/// Starts a successor with `weir run -u` on the same config (stderr to `successor.log` in the
+/// gateway's directory) and sends the running gateway SIGQUIT once the successor waits for
+/// the sockets.
+async fn upgrade(gw: &Gateway) -> std::process::Child {
+    let log = std::fs::File::create(gw.dir().join("successor.log")).expect("log file");
+    let successor = Command::new(support::WEIR)
+        .args(["run", "-u", "-c"])
+        .arg(gw.config_path())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start the successor");
+    // The successor binds the upgrade socket and waits; the old process hands over on SIGQUIT.
+    let sock = gw.dir().join("weir_upgrade.sock");
+    wait_until(
+        "the successor's upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists(),
+    )
+    .await;
+    gw.signal("QUIT");
+    successor
+}
+
 fn yaml_with_upstreams(text: &str, urls: &[String]) -> String {
     let mut doc: serde_yaml::Value = serde_yaml::from_str(text).expect("config is YAML");
     doc["upstreams"] = serde_yaml::Value::Sequence(
@@ -229,23 +253,7 @@ async fn reload_then_upgrade_under_load_lose_no_request() {
 
     // (b) Upgrade to a second process (which reads the reloaded file).
     let started = std::time::Instant::now();
-    let log = std::fs::File::create(gw.dir().join("successor.log")).expect("log file");
-    let mut successor = Command::new(support::WEIR)
-        .args(["run", "-u", "-c"])
-        .arg(gw.config_path())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start the successor");
-    // The successor binds the upgrade socket and waits; the old process hands over on SIGQUIT.
-    let sock = gw.dir().join("weir_upgrade.sock");
-    wait_until(
-        "the successor's upgrade socket",
-        Duration::from_secs(10),
-        || sock.exists(),
-    )
-    .await;
-    gw.signal("QUIT");
+    let mut successor = upgrade(&gw).await;
     wait_until("the successor's pid file", Duration::from_secs(10), || {
         std::fs::read_to_string(&pid_file)
             .map(|t| t.trim() == successor.id().to_string())
@@ -332,21 +340,7 @@ async fn queued_requests_survive_an_upgrade_and_are_delivered_once_in_order() {
     }
 
     let successor_log = gw.dir().join("successor.log");
-    let mut successor = Command::new(support::WEIR)
-        .args(["run", "-u", "-c"])
-        .arg(gw.config_path())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&successor_log).expect("log file"))
-        .spawn()
-        .expect("start the successor");
-    let sock = gw.dir().join("weir_upgrade.sock");
-    wait_until(
-        "the successor's upgrade socket",
-        Duration::from_secs(10),
-        || sock.exists(),
-    )
-    .await;
-    gw.signal("QUIT");
+    let mut successor = upgrade(&gw).await;
     let old = gw.pid();
     wait_until("the old process to exit", Duration::from_secs(20), || {
         process_gone(old)
