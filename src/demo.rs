@@ -68,6 +68,7 @@ pub fn run(listen: &str) -> Result<(), String> {
     );
     println!("  try:     curl -i http://{listen}/hello");
     println!("  load:    for i in $(seq 200); do curl -s http://{listen}/ ; done | sort | uniq -c");
+    println!("  status:  open http://127.0.0.1:9100/ (live per-node view)");
     println!("  metrics: curl -s http://127.0.0.1:9100/metrics | grep weir_upstream");
     rt.spawn(async move {
         let mut last = vec![0u64; report_nodes.len()];
