@@ -24,6 +24,8 @@ pub mod routing;
 pub mod server;
 /// The live status page and its JSON (`GET /`, `GET /status.json` on the admin listener).
 pub mod status;
+/// TLS: the listeners' live certificate, upstream CA files.
+pub mod tls;
 
 /// Process-wide logger for weir's own diagnostics (stderr), at the configured level.
 pub fn init_logging(level: &str) {

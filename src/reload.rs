@@ -6,8 +6,13 @@
 //! score, latency estimate and in-flight count. A file that does not load is rejected as a
 //! whole: the running config stays, the rejection is logged and counted.
 //!
-//! Settings bound to sockets, threads or files opened at start (listen addresses, admin
-//! listener, TLS, server threads/pid/upgrade socket, log destinations) cannot change in place;
+//! The TLS certificate and key files are read again by every reload, so renewed certificates
+//! are served to new connections (a pair that does not load rejects the reload, and the
+//! running certificate stays).
+//!
+//! Settings bound to sockets, threads or files opened at start (listen addresses and whether
+//! they are TLS, admin listener, server threads/pid/upgrade socket, log destinations) cannot
+//! change in place;
 //! a reload that changes them keeps the running values and says so: `weir run -u` (a
 //! zero-downtime upgrade) applies them.
 
@@ -126,7 +131,18 @@ fn keep_restart_only_settings(new: &mut Config, running: &Config) -> Vec<&'stati
         };
     }
     keep!(listen, "listen");
-    keep!(tls, "tls");
+    // The certificate files are read again by every reload (State::build), which is how a
+    // renewed certificate reaches new connections; turning TLS on or off is the listeners'.
+    if new.tls.is_some() != running.tls.is_some() {
+        changed.push("tls");
+        new.tls = running.tls.clone();
+    }
+    if let (Some(n), Some(r)) = (&mut new.tls, &running.tls) {
+        if n.acme != r.acme {
+            changed.push("tls.acme");
+            n.acme = r.acme.clone();
+        }
+    }
     keep!(admin, "admin.listen");
     keep!(log, "log");
     keep!(server, "server");
@@ -145,6 +161,7 @@ mod tests {
         let mut new = running.clone();
         new.listen = vec![Listener {
             addr: "127.0.0.1:1".into(),
+            tls: false,
         }];
         new.server.threads += 1;
         new.limits.concurrency_peak = 7;

@@ -82,7 +82,12 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         "weir proxy",
     );
     for l in &config.listen {
-        proxy.add_tcp(&l.addr);
+        if l.tls {
+            let settings = crate::tls::listener_settings(gateway.state_cell())?;
+            proxy.add_tls_with_settings(&l.addr, None, settings);
+        } else {
+            proxy.add_tcp(&l.addr);
+        }
     }
     server.add_service(proxy);
 

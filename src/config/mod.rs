@@ -18,6 +18,9 @@ use serde::Serialize;
 use crate::queue::formats::RequestFormats;
 pub use crate::routing::Algorithm;
 
+/// Said wherever `tls.acme` / SSL_AUTO_ENABLE is configured: it is parsed, not acted on.
+pub const ACME_NOT_SUPPORTED_YET: &str = "automatic certificates (tls.acme / SSL_AUTO_*) are not supported yet: weir obtains no certificate; give tls.cert and tls.key (SSL_CERTIFICATE_FILE / SSL_PRIVATE_KEY_FILE), which are served";
+
 /// A config error that points at its origin: file, line (where one is known) and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -65,7 +68,7 @@ pub struct Loaded {
 pub struct Config {
     /// Listening addresses of the proxy (at least one).
     pub listen: Vec<Listener>,
-    /// Downstream TLS (cert/key or ACME). Parsed and validated; served by the TLS issue.
+    /// Downstream TLS: the certificate of the TLS listeners.
     pub tls: Option<TlsConfig>,
     pub upstreams: Vec<Upstream>,
     pub upstream_host: UpstreamHost,
@@ -86,6 +89,10 @@ pub struct Config {
 pub struct Listener {
     /// `host:port`, e.g. `0.0.0.0:5252` or `[::1]:5252`.
     pub addr: String,
+    /// Terminates TLS with the `tls` certificate. A listener is TLS when a `tls` block is
+    /// configured unless it says `tls: false` (so `listen` + `tls`, and ServiceQ's SSL_ENABLE,
+    /// make the listener TLS).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -131,6 +131,12 @@ impl Gateway {
         self.state.load_full()
     }
 
+    /// The cell the state lives in, for readers outside requests (the TLS listeners'
+    /// certificate resolver).
+    pub fn state_cell(&self) -> Arc<ArcSwap<State>> {
+        self.state.clone()
+    }
+
     /// Installs a new state (config reload); requests in flight keep the one they started on.
     pub fn swap_state(&self, state: State) {
         set_config_gauges(&self.metrics, &state);
@@ -552,11 +558,14 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        // The TLS listeners' sessions carry a TLS digest; plain ones do not.
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         upstream::prepare_request(
             upstream_request,
             &ctx.state.nodes[attempt.node],
             ctx.state.config.upstream_host,
             client_ip,
+            tls,
             ctx.request_id.as_ref(),
             ctx.traceparent.as_ref(),
             ctx.trace_started_here,

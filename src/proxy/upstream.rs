@@ -8,7 +8,7 @@ use http::header::{HeaderName, HeaderValue};
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{Config, Scheme, Upstream, UpstreamHost};
+use crate::config::{Config, Scheme, TlsConfig, Upstream, UpstreamHost};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::routing::{Clock, Router, RouterSettings, SystemClock};
 
@@ -33,6 +33,8 @@ pub struct State {
     pub keepalive_secs: u64,
     /// The router's clock, handed on to the router of the next reload.
     pub clock: Arc<dyn Clock>,
+    /// What the TLS listeners serve (read from `tls.cert`/`tls.key` at every load).
+    pub certificate: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 impl State {
@@ -103,7 +105,22 @@ impl State {
                 .map_err(|e| format!("response header value {value:?}: {e}"))?;
             response_headers.push((name, value));
         }
+        let certificate = match &config.tls {
+            Some(TlsConfig {
+                cert: Some(cert),
+                key: Some(key),
+                ..
+            }) => Some(crate::tls::load_certified_key(cert, key)?),
+            _ => None,
+        };
+        if certificate.is_none() && config.listen.iter().any(|l| l.tls) {
+            return Err(format!(
+                "tls: a TLS listener needs tls.cert and tls.key ({})",
+                crate::config::ACME_NOT_SUPPORTED_YET
+            ));
+        }
         Ok(State {
+            certificate,
             attempts: config.attempts_per_request(),
             keepalive_secs: config.timeouts.keepalive.as_secs().max(1),
             response_headers,
@@ -147,11 +164,12 @@ fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, Stri
     if tls {
         o.verify_cert = u.tls_verify;
         o.verify_hostname = u.tls_verify;
-        if u.ca.is_some() {
-            return Err(format!(
-                "upstream {}: a per-upstream `ca` is not supported yet (system roots only)",
-                u.url
-            ));
+        // Without `ca`, Pingora's connector trusts the system roots (rustls-native-certs:
+        // /etc/ssl/certs, or SSL_CERT_FILE / SSL_CERT_DIR).
+        if let Some(ca) = &u.ca {
+            let certs = crate::tls::load_upstream_ca(ca)
+                .map_err(|e| format!("upstream {}: ca: {e}", u.url))?;
+            o.ca = Some(certs);
         }
     }
     Ok(peer)
@@ -164,6 +182,7 @@ pub fn prepare_request(
     node: &Node,
     host_mode: UpstreamHost,
     client_ip: Option<std::net::IpAddr>,
+    client_tls: bool,
     request_id: Option<&HeaderValue>,
     traceparent: Option<&HeaderValue>,
     trace_started_here: bool,
@@ -186,7 +205,7 @@ pub fn prepare_request(
         })?;
         req.insert_header(XFF, value)?;
     }
-    req.insert_header(XFP, "http")?;
+    req.insert_header(XFP, if client_tls { "https" } else { "http" })?;
     if let Some(id) = request_id {
         req.insert_header(
             HeaderName::from_static(super::respond::X_REQUEST_ID),
