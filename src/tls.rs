@@ -27,24 +27,22 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
     let chain = read_certificates(cert)?;
     let key_der = read_private_key(key)?;
     let provider = rustls::crypto::ring::default_provider();
-    let certified = CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| {
-        format!(
-            "tls: the key {} cannot be used with the certificate {}: {e}",
-            key.display(),
-            cert.display()
-        )
-    })?;
-    // from_der lets an undecidable comparison pass; a key that is known not to match fails.
-    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
-        certified.keys_match()
-    {
-        return Err(format!(
-            "tls: the key {} does not match the certificate {}",
-            key.display(),
-            cert.display()
-        ));
-    }
-    Ok(Arc::new(certified))
+    // from_der compares the key with the certificate's public key (an undecidable comparison
+    // passes; none of ring's key types is undecidable).
+    CertifiedKey::from_der(chain, key_der, &provider)
+        .map(Arc::new)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => format!(
+                "tls: the key {} does not match the certificate {} (a key of another certificate?)",
+                key.display(),
+                cert.display()
+            ),
+            e => format!(
+                "tls: the key {} cannot be used with the certificate {}: {e}",
+                key.display(),
+                cert.display()
+            ),
+        })
 }
 
 /// Every certificate of a PEM file, in file order; an error if there is none or one is bad.

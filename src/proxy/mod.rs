@@ -564,8 +564,7 @@ impl ProxyHttp for Gateway {
             upstream_request,
             &ctx.state.nodes[attempt.node],
             ctx.state.config.upstream_host,
-            client_ip,
-            tls,
+            upstream::Downstream { ip: client_ip, tls },
             ctx.request_id.as_ref(),
             ctx.traceparent.as_ref(),
             ctx.trace_started_here,
@@ -632,10 +631,18 @@ impl ProxyHttp for Gateway {
     fn fail_to_connect(
         &self,
         session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // An upstream certificate that does not verify is a configuration matter (ca, sni,
+        // tls_verify); the error log's UPSTREAM_DOWN alone would hide it.
+        if matches!(
+            e.etype(),
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError
+        ) {
+            log::warn!("TLS handshake with upstream {peer} failed: {e}");
+        }
         let failure = Failure::from_connect_error(&e);
         self.end_attempt(ctx, Err(failure));
         let retry = self.may_retry(session, ctx, failure);

@@ -175,21 +175,28 @@ fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, Stri
     Ok(peer)
 }
 
+/// What the forwarding headers say about the client's side of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    pub ip: Option<std::net::IpAddr>,
+    /// The client came in over a TLS listener (`X-Forwarded-Proto: https`).
+    pub tls: bool,
+}
+
 /// Request headers for one attempt: forwarding headers, request id, trace context, Host policy.
 /// `trace_started_here`: the traceparent is weir's own, so any client `tracestate` is dropped.
 pub fn prepare_request(
     req: &mut RequestHeader,
     node: &Node,
     host_mode: UpstreamHost,
-    client_ip: Option<std::net::IpAddr>,
-    client_tls: bool,
+    client: Downstream,
     request_id: Option<&HeaderValue>,
     traceparent: Option<&HeaderValue>,
     trace_started_here: bool,
 ) -> Result<()> {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    if let Some(ip) = client_ip {
+    if let Some(ip) = client.ip {
         use std::io::Write;
         let mut buf = smallvec::SmallVec::<[u8; 64]>::new();
         if let Some(prev) = req.headers.get(&XFF).filter(|v| !v.is_empty()) {
@@ -205,7 +212,7 @@ pub fn prepare_request(
         })?;
         req.insert_header(XFF, value)?;
     }
-    req.insert_header(XFP, if client_tls { "https" } else { "http" })?;
+    req.insert_header(XFP, if client.tls { "https" } else { "http" })?;
     if let Some(id) = request_id {
         req.insert_header(
             HeaderName::from_static(super::respond::X_REQUEST_ID),
