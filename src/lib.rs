@@ -2,6 +2,8 @@
 //!
 //! The module map follows a request's path (see `docs/ARCHITECTURE.md`):
 
+/// ACME: obtains and renews the listeners' certificate (HTTP-01).
+pub mod acme;
 /// Admin listener: status page, /status.json, /metrics, /healthz, /queue.
 pub mod admin;
 /// The typed config and its two readers (native YAML, ServiceQ sq.properties).

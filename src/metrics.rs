@@ -124,6 +124,10 @@ pub struct Metrics {
     pub queue_dead_letters: IntGaugeVec,
     pub queue_remaining_at_shutdown: IntGaugeVec,
     pub reloads: IntCounterVec,
+    /// ACME certificate orders (first issue and renewals) by result: ok | failed.
+    pub acme_orders: IntCounterVec,
+    /// Unix time the served ACME certificate expires (0 = none yet).
+    pub acme_certificate_expiry: prometheus::IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -337,6 +341,28 @@ impl Metrics {
         for result in RELOAD_RESULTS {
             reloads.with_label_values(&[result]);
         }
+        let acme_orders = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_acme_orders_total",
+                    "ACME certificate orders (issue and renewal) by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        for result in ["ok", "failed"] {
+            acme_orders.with_label_values(&[result]);
+        }
+        let acme_certificate_expiry = register(
+            &r,
+            prometheus::IntGauge::new(
+                "weir_acme_certificate_expiry_timestamp_seconds",
+                "When the served ACME certificate expires (unix seconds; 0 = none)",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -370,6 +396,8 @@ impl Metrics {
             queue_dead_letters,
             queue_remaining_at_shutdown,
             reloads,
+            acme_orders,
+            acme_certificate_expiry,
         })
     }
 

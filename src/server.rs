@@ -83,7 +83,8 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     );
     for l in &config.listen {
         if l.tls {
-            let settings = crate::tls::listener_settings(gateway.state_cell())?;
+            let settings =
+                crate::tls::listener_settings(gateway.state_cell(), gateway.acme.clone())?;
             proxy.add_tls_with_settings(&l.addr, None, settings);
         } else {
             proxy.add_tcp(&l.addr);
@@ -98,6 +99,20 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         );
         admin.add_tcp(addr);
         server.add_service(admin);
+    }
+    if let Some(acme) = config.tls.as_ref().and_then(|t| t.acme.clone()) {
+        if let Some(dir) = &acme.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("tls.acme.cache_dir {}: {e}", dir.display()))?;
+        }
+        server.add_service(background_service(
+            "weir acme",
+            crate::acme::AcmeService {
+                config: acme,
+                state: gateway.acme.clone(),
+                metrics: gateway.metrics.clone(),
+            },
+        ));
     }
     let handover = crate::queue::handover::socket_path(&config.server.upgrade_sock);
     if opts.upgrade {

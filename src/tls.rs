@@ -20,6 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::acme::AcmeState;
 use crate::proxy::State;
 
 /// Reads a PEM certificate chain (leaf first) and its private key into what rustls serves.
@@ -98,11 +99,12 @@ pub fn load_upstream_ca(path: &Path) -> Result<Arc<[WrappedX509]>, String> {
 /// time.
 pub struct LiveCertificate {
     state: Arc<ArcSwap<State>>,
+    acme: Arc<AcmeState>,
 }
 
 impl LiveCertificate {
-    pub fn new(state: Arc<ArcSwap<State>>) -> Self {
-        LiveCertificate { state }
+    pub fn new(state: Arc<ArcSwap<State>>, acme: Arc<AcmeState>) -> Self {
+        LiveCertificate { state, acme }
     }
 }
 
@@ -114,17 +116,23 @@ impl fmt::Debug for LiveCertificate {
 
 impl ResolvesServerCert for LiveCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        // None aborts the handshake; State::build refuses a TLS listener without a certificate.
-        self.state.load().certificate.clone()
+        // An ACME certificate wins over the files; None (neither yet) aborts the handshake.
+        self.acme
+            .certificate
+            .load_full()
+            .or_else(|| self.state.load().certificate.clone())
     }
 }
 
 /// Pingora's settings for one TLS listener: TLS 1.2 and 1.3 (Pingora's rustls build offers
 /// nothing older), ALPN h2 then http/1.1, the live certificate.
-pub fn listener_settings(state: Arc<ArcSwap<State>>) -> Result<TlsSettings, String> {
+pub fn listener_settings(
+    state: Arc<ArcSwap<State>>,
+    acme: Arc<AcmeState>,
+) -> Result<TlsSettings, String> {
     let mut settings =
         TlsSettings::intermediate("", "").map_err(|e| format!("tls listener settings: {e}"))?;
-    settings.set_cert_resolver(Arc::new(LiveCertificate::new(state)));
+    settings.set_cert_resolver(Arc::new(LiveCertificate::new(state, acme)));
     settings.set_alpn(ALPN::H2H1);
     Ok(settings)
 }

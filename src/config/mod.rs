@@ -18,8 +18,8 @@ use serde::Serialize;
 use crate::queue::formats::RequestFormats;
 pub use crate::routing::Algorithm;
 
-/// Said wherever `tls.acme` / SSL_AUTO_ENABLE is configured: it is parsed, not acted on.
-pub const ACME_NOT_SUPPORTED_YET: &str = "automatic certificates (tls.acme / SSL_AUTO_*) are not supported yet: weir obtains no certificate; give tls.cert and tls.key (SSL_CERTIFICATE_FILE / SSL_PRIVATE_KEY_FILE), which are served";
+/// Said when ACME is configured but no listener can answer its HTTP-01 challenge.
+pub const ACME_NEEDS_PLAIN_LISTENER: &str = "ACME validates with HTTP-01: the ACME server fetches http://DOMAIN/.well-known/acme-challenge/... on port 80, which needs a plain listener (`{addr: \"0.0.0.0:80\", tls: false}`); every listener here is TLS, so no certificate can be obtained (a cached one in cache_dir is still served)";
 
 /// A config error that points at its origin: file, line (where one is known) and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]

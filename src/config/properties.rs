@@ -47,12 +47,12 @@ const KEYS: &[&str] = &[
 /// ServiceQ's default listener port.
 const DEFAULT_PORT: u16 = 5252;
 
-/// The warning for a `KEY=value` that weir accepts but does not act on yet, if any.
-/// (SSL_ENABLE is served; SSL_AUTO_ENABLE, ACME, is not yet.)
+/// The warning for a `KEY=value` that weir accepts but cannot act on fully, if any.
+/// SSL_AUTO_ENABLE: the file's one listener is TLS, so ACME's HTTP-01 has no plain listener.
 pub fn not_supported_yet(key: &str, value: &str) -> Option<&'static str> {
     let on = value.trim().eq_ignore_ascii_case("true");
     match key {
-        "SSL_AUTO_ENABLE" if on => Some(super::ACME_NOT_SUPPORTED_YET),
+        "SSL_AUTO_ENABLE" if on => Some(super::ACME_NEEDS_PLAIN_LISTENER),
         _ => None,
     }
 }

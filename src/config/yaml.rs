@@ -132,10 +132,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             message: "a `tls` block is configured but every listener says `tls: false`".into(),
         });
     }
-    if raw.tls.as_ref().is_some_and(|t| t.acme.is_some()) {
+    if raw.tls.as_ref().is_some_and(|t| t.acme.is_some()) && listen.iter().all(|l| l.tls) {
         warnings.push(ConfigWarning {
             line: None,
-            message: format!("tls.acme: {}", super::ACME_NOT_SUPPORTED_YET),
+            message: format!("tls.acme: {}", super::ACME_NEEDS_PLAIN_LISTENER),
         });
     }
     for u in upstreams

@@ -69,6 +69,8 @@ pub struct Gateway {
     pub logs: Arc<Logs>,
     /// Capacities are fixed at start-up; everything else about the queues follows reloads.
     pub queues: Arc<Queues>,
+    /// ACME challenge answers and the certificate obtained (empty without `tls.acme`).
+    pub acme: Arc<crate::acme::AcmeState>,
 }
 
 /// One attempt in progress.
@@ -124,11 +126,28 @@ impl Gateway {
             metrics,
             logs,
             queues,
+            acme: Arc::default(),
         }
     }
 
     pub fn state(&self) -> Arc<State> {
         self.state.load_full()
+    }
+
+    /// Answers an ACME HTTP-01 challenge request if its token is pending.
+    async fn answer_acme_challenge(&self, session: &mut Session) -> Result<bool> {
+        let path = String::from_utf8_lossy(session.req_header().raw_path()).into_owned();
+        let Some(answer) = self.acme.challenge_answer(&path) else {
+            return Ok(false);
+        };
+        let mut resp = ResponseHeader::build(200, Some(2))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, answer.len())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(bytes::Bytes::from(answer)), true)
+            .await?;
+        Ok(true)
     }
 
     /// The cell the state lives in, for readers outside requests (the TLS listeners'
@@ -438,6 +457,14 @@ impl ProxyHttp for Gateway {
     /// Admission (concurrency peak), request id, keep-alive, the upfront queue, and the body
     /// copy for replay and deferral.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if session
+            .req_header()
+            .raw_path()
+            .starts_with(crate::acme::CHALLENGE_PREFIX.as_bytes())
+            && self.answer_acme_challenge(session).await?
+        {
+            return Ok(true);
+        }
         let headers = &session.req_header().headers;
         let id = headers
             .get(respond::X_REQUEST_ID)

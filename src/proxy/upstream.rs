@@ -113,11 +113,14 @@ impl State {
             }) => Some(crate::tls::load_certified_key(cert, key)?),
             _ => None,
         };
-        if certificate.is_none() && config.listen.iter().any(|l| l.tls) {
-            return Err(format!(
-                "tls: a TLS listener needs tls.cert and tls.key ({})",
-                crate::config::ACME_NOT_SUPPORTED_YET
-            ));
+        let acme = config.tls.as_ref().and_then(|t| t.acme.as_ref());
+        if acme.is_some_and(|a| a.cache_dir.is_none()) {
+            return Err(
+                "tls.acme needs cache_dir (where the certificate and account are kept)".into(),
+            );
+        }
+        if certificate.is_none() && acme.is_none() && config.listen.iter().any(|l| l.tls) {
+            return Err("tls: a TLS listener needs tls.cert and tls.key, or tls.acme".into());
         }
         Ok(State {
             certificate,

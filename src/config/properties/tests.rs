@@ -114,12 +114,13 @@ fn a_realistic_file_maps_every_key() {
     assert_eq!(c.log.access, AccessLog::Stdout);
 
     let lines: Vec<_> = warnings.iter().map(|w| w.line).collect();
-    // The queues and SSL_ENABLE are supported: only ACME (SSL_AUTO_ENABLE) warns.
+    // The queues and SSL_ENABLE are supported: only SSL_AUTO_ENABLE warns (no plain listener
+    // for HTTP-01).
     assert_eq!(lines, [Some(17)]);
     assert!(warnings[0].message.starts_with("SSL_AUTO_ENABLE"));
     assert!(warnings[0]
         .message
-        .contains(crate::config::ACME_NOT_SUPPORTED_YET));
+        .contains(crate::config::ACME_NEEDS_PLAIN_LISTENER));
     assert!(
         c.listen.iter().all(|l| l.tls),
         "SSL_ENABLE makes the listener TLS"

@@ -465,6 +465,6 @@ fn acme_and_unverified_upstreams_are_warned() {
     .unwrap_or_else(|e| panic!("{e}"));
     let messages: Vec<_> = loaded.warnings.iter().map(|w| w.message.as_str()).collect();
     assert_eq!(messages.len(), 2, "{messages:?}");
-    assert!(messages[0].contains("not supported yet"), "{messages:?}");
+    assert!(messages[0].contains("HTTP-01"), "{messages:?}");
     assert!(messages[1].contains("tls_verify: false"), "{messages:?}");
 }
