@@ -169,8 +169,15 @@ impl AcmeService {
         );
         let due = not_after
             .checked_sub(self.config.renew_before)
-            .and_then(|due| due.duration_since(SystemTime::now()).ok())
-            .unwrap_or(FIRST_RETRY);
+            .and_then(|due| due.duration_since(SystemTime::now()).ok());
+        let Some(due) = due else {
+            log::warn!(
+                "acme: tls.acme.renew_before ({}s) is longer than the certificates this CA issues; ordering again in {}s",
+                self.config.renew_before.as_secs(),
+                FIRST_RETRY.as_secs()
+            );
+            return Ok(FIRST_RETRY);
+        };
         Ok(due.min(MAX_SLEEP))
     }
 

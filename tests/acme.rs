@@ -263,4 +263,31 @@ async fn a_certificate_is_obtained_from_pebble_over_http01_and_served() {
     assert_eq!(out, "200 2", "curl: {err}\n{}", again.logs());
     let m = again.metrics().await;
     assert_eq!(m.sum_or_zero("weir_acme_orders_total", &[]), 0.0);
+    drop(again);
+
+    // Due for renewal (renew_before longer than pebble's five-year certificates) with the ACME
+    // server gone: the renewal fails, is counted and logged, and the old certificate stays.
+    let due = Gateway::builder()
+        .upstream(&up)
+        .yaml(
+            &acme_yaml
+                .replace(&format!("'{plain}'"), &format!("'{}'", free_port()))
+                .replace("renew_before: 30d", "renew_before: 36500d"),
+        )
+        .start()
+        .await;
+    due.wait_for_metric(
+        "weir_acme_orders_total",
+        &[("result", "failed")],
+        |v| v >= 1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let (out, err) = curl_domain(&due, &root, "weir.test").await;
+    assert_eq!(out, "200 2", "curl: {err}\n{}", due.logs());
+    assert!(
+        due.logs().contains("the certificate in service stays"),
+        "{}",
+        due.logs()
+    );
 }
