@@ -45,6 +45,7 @@ const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const QUEUES: [&str; 2] = ["deferred", "upfront"];
 const REPLAY_RESULTS: [&str; 4] = ["delivered", "failed_attempt", "expired", "dead_letter"];
 const RELOAD_RESULTS: [&str; 2] = ["ok", "rejected"];
+const ACME_ORDER_RESULTS: [&str; 2] = ["ok", "failed"];
 
 /// `weir_retries_total{reason}` values: why the previous attempt of the request ended. The first
 /// six are the failure results of [`ATTEMPT_RESULTS`] (index − 1); the last is a pooled
@@ -352,7 +353,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        for result in ["ok", "failed"] {
+        for result in ACME_ORDER_RESULTS {
             acme_orders.with_label_values(&[result]);
         }
         let acme_certificate_expiry = register(

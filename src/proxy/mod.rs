@@ -457,14 +457,6 @@ impl ProxyHttp for Gateway {
     /// Admission (concurrency peak), request id, keep-alive, the upfront queue, and the body
     /// copy for replay and deferral.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if session
-            .req_header()
-            .raw_path()
-            .starts_with(crate::acme::CHALLENGE_PREFIX.as_bytes())
-            && self.answer_acme_challenge(session).await?
-        {
-            return Ok(true);
-        }
         let headers = &session.req_header().headers;
         let id = headers
             .get(respond::X_REQUEST_ID)
@@ -484,6 +476,15 @@ impl ProxyHttp for Gateway {
             }
         }
         session.set_keepalive(Some(ctx.state.keepalive_secs));
+        // ACME HTTP-01 validation requests are weir's own, ahead of admission.
+        if session
+            .req_header()
+            .raw_path()
+            .starts_with(crate::acme::CHALLENGE_PREFIX.as_bytes())
+            && self.answer_acme_challenge(session).await?
+        {
+            return Ok(true);
+        }
 
         match self
             .admission
