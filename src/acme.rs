@@ -344,3 +344,29 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("write {}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pending_tokens_under_the_challenge_path_are_answered() {
+        let state = AcmeState::default();
+        state.set_challenge("tok".into(), "tok.thumb".into());
+        assert_eq!(
+            state.challenge_answer("/.well-known/acme-challenge/tok"),
+            Some("tok.thumb".to_string())
+        );
+        assert_eq!(
+            state.challenge_answer("/.well-known/acme-challenge/other"),
+            None
+        );
+        assert_eq!(state.challenge_answer("/tok"), None);
+        assert_eq!(state.challenge_answer("/.well-known/acme-challenge/"), None);
+        state.clear_challenges();
+        assert_eq!(
+            state.challenge_answer("/.well-known/acme-challenge/tok"),
+            None
+        );
+    }
+}
