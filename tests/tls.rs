@@ -136,9 +136,20 @@ async fn tls13_clients_get_proxied_responses_over_h2_and_http11() {
         text(&tls12.stderr)
     );
 
+    let post = curl(
+        &gw,
+        &pki.ca_path(),
+        &["--http2", "--data-binary", "hello over h2"],
+        "/h2-post",
+    )
+    .await;
+    assert_eq!(text(&post.stdout), "200 2", "curl: {}", text(&post.stderr));
+
     let seen = up.requests();
     let targets: Vec<_> = seen.iter().map(|r| r.target.as_str()).collect();
-    assert_eq!(targets, ["/h2", "/h1", "/tls12"]);
+    assert_eq!(targets, ["/h2", "/h1", "/tls12", "/h2-post"]);
+    assert_eq!(seen[3].method, "POST");
+    assert_eq!(seen[3].body, b"hello over h2");
     for r in &seen {
         assert_eq!(r.header("x-forwarded-proto"), Some("https"), "{r:?}");
     }
