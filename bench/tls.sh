@@ -54,7 +54,7 @@ events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   client_body_temp_path $W/nginx; proxy_temp_path $W/nginx; fastcgi_temp_path $W/nginx; uwsgi_temp_path $W/nginx; scgi_temp_path $W/nginx;
   upstream cluster { server 127.0.0.1:18081; server 127.0.0.1:18082; keepalive 128; }
-  server { listen 127.0.0.1:18443 ssl; http2 on;
+  server { listen 127.0.0.1:18443 ssl http2;
     ssl_certificate $W/cert.pem; ssl_certificate_key $W/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;
     location / { proxy_pass http://cluster; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
@@ -68,6 +68,8 @@ log: {level: warn, access: off, error_file: off}
 server: {threads: 1, pid_file: $W/weir.pid, upgrade_sock: $W/weir-upgrade.sock}
 EOF
 
+# wrk's -H needs "Name: value" with the space; a script avoids quoting it through $1.
+echo 'wrk.headers["Connection"] = "close"' >"$W/close.lua"
 measure() { # $1 extra wrk args; prints requests/s
   # shellcheck disable=SC2086
   local out; out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" $1 "https://127.0.0.1:18443/" 2>&1)
@@ -83,10 +85,11 @@ for _ in $(seq 1 "$ROUNDS"); do
       nginx) taskset -c 1 nginx -c "$W/nginx/nginx.conf" -p "$W/nginx" >"$W/nginx.out" 2>&1 & pid=$! ;;
       weir) taskset -c 1 "$WEIR" run -c "$W/weir.yaml" >"$W/weir.out" 2>&1 & pid=$! ;;
     esac
+    PIDS+=("$pid")
     wait_port 18443
     curl -fsSk "https://127.0.0.1:18443/" >/dev/null || echo "warning: $name first request failed" >&2
     echo "$name keepalive $(measure "")" >>"$W/results"
-    echo "$name handshake $(measure "-H Connection:close")" >>"$W/results"
+    echo "$name handshake $(measure "-s $W/close.lua")" >>"$W/results"
     kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   done
 done
