@@ -422,7 +422,11 @@ async fn a_renewed_certificate_is_served_after_sighup() {
     )
     .await;
     assert_eq!(served_certificate(gw.addr(), &pki).await, renewed.der);
-    assert!(gw.logs().contains("new TLS certificate in service"), "{}", gw.logs());
+    assert!(
+        gw.logs().contains("new TLS certificate in service"),
+        "{}",
+        gw.logs()
+    );
     let ok = curl(&gw, &pki.ca_path(), &["--http2"], "/after").await;
     assert_eq!(text(&ok.stdout), "200 2", "curl: {}", text(&ok.stderr));
 
