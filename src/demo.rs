@@ -28,6 +28,7 @@ pub fn run(listen: &str) -> Result<(), String> {
     let mut config = Config::embedded_default();
     config.listen = vec![Listener {
         addr: listen.to_string(),
+        tls: false,
     }];
     config.log.access = AccessLog::Off;
     config.log.error_file = None;

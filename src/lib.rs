@@ -2,6 +2,8 @@
 //!
 //! The module map follows a request's path (see `docs/ARCHITECTURE.md`):
 
+/// ACME: obtains and renews the listeners' certificate (HTTP-01).
+pub mod acme;
 /// Admin listener: status page, /status.json, /metrics, /healthz, /queue.
 pub mod admin;
 /// The typed config and its two readers (native YAML, ServiceQ sq.properties).
@@ -24,6 +26,8 @@ pub mod routing;
 pub mod server;
 /// The live status page and its JSON (`GET /`, `GET /status.json` on the admin listener).
 pub mod status;
+/// TLS: the listeners' live certificate, upstream CA files.
+pub mod tls;
 
 /// Process-wide logger for weir's own diagnostics (stderr), at the configured level.
 pub fn init_logging(level: &str) {

@@ -93,7 +93,8 @@ fn main() -> ExitCode {
                     eprintln!("weir: --listen {addr}: not a host:port address ({e})");
                     return ExitCode::from(2);
                 }
-                cfg.listen = vec![weir::config::Listener { addr }];
+                let tls = cfg.tls.is_some();
+                cfg.listen = vec![weir::config::Listener { addr, tls }];
                 listen_override = Some(cfg.listen.clone());
             }
             weir::init_logging(&cfg.log.level);

@@ -45,6 +45,7 @@ const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const QUEUES: [&str; 2] = ["deferred", "upfront"];
 const REPLAY_RESULTS: [&str; 4] = ["delivered", "failed_attempt", "expired", "dead_letter"];
 const RELOAD_RESULTS: [&str; 2] = ["ok", "rejected"];
+const ACME_ORDER_RESULTS: [&str; 2] = ["ok", "failed"];
 
 /// `weir_retries_total{reason}` values: why the previous attempt of the request ended. The first
 /// six are the failure results of [`ATTEMPT_RESULTS`] (index − 1); the last is a pooled
@@ -124,6 +125,10 @@ pub struct Metrics {
     pub queue_dead_letters: IntGaugeVec,
     pub queue_remaining_at_shutdown: IntGaugeVec,
     pub reloads: IntCounterVec,
+    /// ACME certificate orders (first issue and renewals) by result: ok | failed.
+    pub acme_orders: IntCounterVec,
+    /// Unix time the served ACME certificate expires (0 = none yet).
+    pub acme_certificate_expiry: prometheus::IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -337,6 +342,28 @@ impl Metrics {
         for result in RELOAD_RESULTS {
             reloads.with_label_values(&[result]);
         }
+        let acme_orders = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_acme_orders_total",
+                    "ACME certificate orders (issue and renewal) by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        for result in ACME_ORDER_RESULTS {
+            acme_orders.with_label_values(&[result]);
+        }
+        let acme_certificate_expiry = register(
+            &r,
+            prometheus::IntGauge::new(
+                "weir_acme_certificate_expiry_timestamp_seconds",
+                "When the served ACME certificate expires (unix seconds; 0 = none)",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -370,6 +397,8 @@ impl Metrics {
             queue_dead_letters,
             queue_remaining_at_shutdown,
             reloads,
+            acme_orders,
+            acme_certificate_expiry,
         })
     }
 

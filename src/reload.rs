@@ -6,8 +6,13 @@
 //! score, latency estimate and in-flight count. A file that does not load is rejected as a
 //! whole: the running config stays, the rejection is logged and counted.
 //!
-//! Settings bound to sockets, threads or files opened at start (listen addresses, admin
-//! listener, TLS, server threads/pid/upgrade socket, log destinations) cannot change in place;
+//! The TLS certificate and key files are read again by every reload, so renewed certificates
+//! are served to new connections (a pair that does not load rejects the reload, and the
+//! running certificate stays).
+//!
+//! Settings bound to sockets, threads or files opened at start (listen addresses and whether
+//! they are TLS, admin listener, server threads/pid/upgrade socket, log destinations) cannot
+//! change in place;
 //! a reload that changes them keeps the running values and says so: `weir run -u` (a
 //! zero-downtime upgrade) applies them.
 
@@ -23,6 +28,8 @@ pub struct ReloadReport {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub kept: usize,
+    /// The certificate files now hold another certificate, served to new connections.
+    pub certificate_changed: bool,
     /// Settings that need `weir run -u`; the running values were kept.
     pub needs_restart: Vec<&'static str>,
 }
@@ -68,8 +75,10 @@ impl Reloader {
         let needs_restart = keep_restart_only_settings(&mut config, &old.config);
         let new = State::build_carried(config, &self.gateway.metrics, &old)?;
 
+        let leaf = |s: &State| s.certificate.as_ref().and_then(|c| c.cert.first().cloned());
         let mut report = ReloadReport {
             needs_restart,
+            certificate_changed: leaf(&new) != leaf(&old),
             ..ReloadReport::default()
         };
         for n in &new.nodes {
@@ -102,6 +111,9 @@ impl Reloader {
                     r.added,
                     r.removed
                 );
+                if r.certificate_changed {
+                    log::warn!("reload: new TLS certificate in service for new connections");
+                }
                 for setting in r.needs_restart {
                     log::warn!(
                         "reload: `{setting}` changed but cannot change in place; the running value stays until `weir run -u` (zero-downtime upgrade)"
@@ -126,7 +138,18 @@ fn keep_restart_only_settings(new: &mut Config, running: &Config) -> Vec<&'stati
         };
     }
     keep!(listen, "listen");
-    keep!(tls, "tls");
+    // The certificate files are read again by every reload (State::build), which is how a
+    // renewed certificate reaches new connections; turning TLS on or off is the listeners'.
+    if new.tls.is_some() != running.tls.is_some() {
+        changed.push("tls");
+        new.tls = running.tls.clone();
+    }
+    if let (Some(n), Some(r)) = (&mut new.tls, &running.tls) {
+        if n.acme != r.acme {
+            changed.push("tls.acme");
+            n.acme = r.acme.clone();
+        }
+    }
     keep!(admin, "admin.listen");
     keep!(log, "log");
     keep!(server, "server");
@@ -145,6 +168,7 @@ mod tests {
         let mut new = running.clone();
         new.listen = vec![Listener {
             addr: "127.0.0.1:1".into(),
+            tls: false,
         }];
         new.server.threads += 1;
         new.limits.concurrency_peak = 7;
@@ -153,5 +177,42 @@ mod tests {
         assert_eq!(new.listen, running.listen);
         assert_eq!(new.server, running.server);
         assert_eq!(new.limits.concurrency_peak, 7, "live settings change");
+    }
+
+    #[test]
+    fn certificate_paths_reload_but_turning_tls_on_or_acme_changes_need_a_restart() {
+        use crate::config::TlsConfig;
+        let tls = |cert: &str| TlsConfig {
+            cert: Some(cert.into()),
+            key: Some("/k.pem".into()),
+            acme: None,
+        };
+        let mut running = Config::embedded_default();
+        running.tls = Some(tls("/old.pem"));
+        let mut new = running.clone();
+        new.tls = Some(tls("/renewed.pem"));
+        assert!(keep_restart_only_settings(&mut new, &running).is_empty());
+        assert_eq!(new.tls, Some(tls("/renewed.pem")), "new files are read");
+
+        let mut off = running.clone();
+        off.tls = None;
+        assert_eq!(keep_restart_only_settings(&mut off, &running), vec!["tls"]);
+        assert_eq!(off.tls, running.tls);
+
+        let mut acme = running.clone();
+        if let Some(t) = &mut acme.tls {
+            t.acme = Some(crate::config::AcmeConfig {
+                directory: None,
+                email: None,
+                domains: vec!["a.example".into()],
+                cache_dir: None,
+                renew_before: std::time::Duration::from_secs(1),
+            });
+        }
+        assert_eq!(
+            keep_restart_only_settings(&mut acme, &running),
+            vec!["tls.acme"]
+        );
+        assert_eq!(acme.tls, running.tls);
     }
 }

@@ -82,7 +82,13 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         "weir proxy",
     );
     for l in &config.listen {
-        proxy.add_tcp(&l.addr);
+        if l.tls {
+            let settings =
+                crate::tls::listener_settings(gateway.state_cell(), gateway.acme.clone())?;
+            proxy.add_tls_with_settings(&l.addr, None, settings);
+        } else {
+            proxy.add_tcp(&l.addr);
+        }
     }
     server.add_service(proxy);
 
@@ -93,6 +99,20 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         );
         admin.add_tcp(addr);
         server.add_service(admin);
+    }
+    if let Some(acme) = config.tls.as_ref().and_then(|t| t.acme.clone()) {
+        if let Some(dir) = &acme.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("tls.acme.cache_dir {}: {e}", dir.display()))?;
+        }
+        server.add_service(background_service(
+            "weir acme",
+            crate::acme::AcmeService {
+                config: acme,
+                state: gateway.acme.clone(),
+                metrics: gateway.metrics.clone(),
+            },
+        ));
     }
     let handover = crate::queue::handover::socket_path(&config.server.upgrade_sock);
     if opts.upgrade {

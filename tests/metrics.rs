@@ -146,6 +146,8 @@ const LABEL_VALUES: [(&str, &[&str]); 5] = [
             "expired",
             "dead_letter",
             "rejected",
+            // weir_acme_orders_total
+            "failed",
         ],
     ),
     (

@@ -18,6 +18,9 @@ use serde::Serialize;
 use crate::queue::formats::RequestFormats;
 pub use crate::routing::Algorithm;
 
+/// Said when ACME is configured but no listener can answer its HTTP-01 challenge.
+pub const ACME_NEEDS_PLAIN_LISTENER: &str = "ACME validates with HTTP-01: the ACME server fetches http://DOMAIN/.well-known/acme-challenge/... on port 80, which needs a plain listener (`{addr: \"0.0.0.0:80\", tls: false}`); every listener here is TLS, so no certificate can be obtained (a cached one in cache_dir is still served)";
+
 /// A config error that points at its origin: file, line (where one is known) and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -65,7 +68,7 @@ pub struct Loaded {
 pub struct Config {
     /// Listening addresses of the proxy (at least one).
     pub listen: Vec<Listener>,
-    /// Downstream TLS (cert/key or ACME). Parsed and validated; served by the TLS issue.
+    /// Downstream TLS: the certificate of the TLS listeners.
     pub tls: Option<TlsConfig>,
     pub upstreams: Vec<Upstream>,
     pub upstream_host: UpstreamHost,
@@ -86,6 +89,10 @@ pub struct Config {
 pub struct Listener {
     /// `host:port`, e.g. `0.0.0.0:5252` or `[::1]:5252`.
     pub addr: String,
+    /// Terminates TLS with the `tls` certificate. A listener is TLS when a `tls` block is
+    /// configured unless it says `tls: false` (so `listen` + `tls`, and ServiceQ's SSL_ENABLE,
+    /// make the listener TLS).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

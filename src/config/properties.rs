@@ -47,16 +47,12 @@ const KEYS: &[&str] = &[
 /// ServiceQ's default listener port.
 const DEFAULT_PORT: u16 = 5252;
 
-/// Warned when a TLS key turns TLS on.
-pub const TLS_NOT_SUPPORTED_YET: &str =
-    "TLS termination is not supported yet; the listener stays plain HTTP";
-
-/// The warning for a `KEY=value` that weir accepts but does not act on yet, if any. The one
-/// place to edit when TLS lands.
+/// The warning for a `KEY=value` that weir accepts but cannot act on fully, if any.
+/// SSL_AUTO_ENABLE: the file's one listener is TLS, so ACME's HTTP-01 has no plain listener.
 pub fn not_supported_yet(key: &str, value: &str) -> Option<&'static str> {
     let on = value.trim().eq_ignore_ascii_case("true");
     match key {
-        "SSL_ENABLE" | "SSL_AUTO_ENABLE" if on => Some(TLS_NOT_SUPPORTED_YET),
+        "SSL_AUTO_ENABLE" if on => Some(super::ACME_NEEDS_PLAIN_LISTENER),
         _ => None,
     }
 }
@@ -253,7 +249,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         f.error(line, format!("LISTENER_ADDR: {why}"))
     })?;
 
-    let mut c = yaml::defaults(vec![Listener { addr }], upstreams);
+    let mut c = yaml::defaults(vec![Listener { addr, tls: false }], upstreams);
 
     f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
         "http" | "https" => Ok(()),
@@ -317,6 +313,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         c.admin.listen = admin;
     }
     c.tls = tls(&f)?;
+    // ServiceQ has one listener: SSL_ENABLE (or SSL_AUTO_ENABLE) makes it TLS.
+    for l in &mut c.listen {
+        l.tls = c.tls.is_some();
+    }
     Ok(Loaded {
         config: c,
         warnings,

@@ -22,8 +22,8 @@ use serde_yaml::{Mapping, Value};
 
 use super::units::{self, format_duration, format_size};
 use super::{
-    AccessLog, AcmeConfig, Admin, Algorithm, Config, ConfigError, Limits, Listener, Loaded,
-    LogConfig, QueueConfig, Retries, Routing, Scheme, ServerSettings, Timeouts, TlsConfig,
+    AccessLog, AcmeConfig, Admin, Algorithm, Config, ConfigError, ConfigWarning, Limits, Listener,
+    Loaded, LogConfig, QueueConfig, Retries, Routing, Scheme, ServerSettings, Timeouts, TlsConfig,
     Upstream, UpstreamHost,
 };
 use crate::queue::formats::{RequestFormat, RequestFormats};
@@ -101,11 +101,55 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let upstreams = raw
         .upstreams
         .ok_or_else(|| ConfigError::new(path, None, "no upstreams configured"))?;
-    let listen = raw.listen.unwrap_or_else(|| {
-        vec![Listener {
+    let tls_block = raw.tls.is_some();
+    let listen = match raw.listen {
+        None => vec![Listener {
             addr: DEFAULT_LISTEN.to_string(),
-        }]
-    });
+            tls: tls_block,
+        }],
+        Some(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for RawListener { addr, tls } in items {
+                if tls == Some(true) && !tls_block {
+                    return Err(ConfigError::new(
+                        path,
+                        None,
+                        format!("listen `{addr}` has `tls: true` but there is no `tls` block (cert and key)"),
+                    ));
+                }
+                out.push(Listener {
+                    addr,
+                    tls: tls.unwrap_or(tls_block),
+                });
+            }
+            out
+        }
+    };
+    let mut warnings = Vec::new();
+    if tls_block && !listen.iter().any(|l| l.tls) {
+        warnings.push(ConfigWarning {
+            line: None,
+            message: "a `tls` block is configured but every listener says `tls: false`".into(),
+        });
+    }
+    if raw.tls.as_ref().is_some_and(|t| t.acme.is_some()) && listen.iter().all(|l| l.tls) {
+        warnings.push(ConfigWarning {
+            line: None,
+            message: format!("tls.acme: {}", super::ACME_NEEDS_PLAIN_LISTENER),
+        });
+    }
+    for u in upstreams
+        .iter()
+        .filter(|u| u.scheme == Scheme::Https && !u.tls_verify)
+    {
+        warnings.push(ConfigWarning {
+            line: None,
+            message: format!(
+                "upstream {}: tls_verify: false, its certificate is not checked (anyone on the path can impersonate it)",
+                u.url
+            ),
+        });
+    }
     let mut c = defaults(listen, upstreams);
     c.tls = raw.tls;
     set(&mut c.upstream_host, raw.upstream_host);
@@ -154,7 +198,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     }
     Ok(Loaded {
         config: c,
-        warnings: Vec::new(),
+        warnings,
     })
 }
 
@@ -186,7 +230,7 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
 )]
 struct RawConfig {
     #[serde(default, deserialize_with = "de_listen")]
-    listen: Option<Vec<Listener>>,
+    listen: Option<Vec<RawListener>>,
     #[serde(default, deserialize_with = "de_tls")]
     tls: Option<TlsConfig>,
     #[serde(default, deserialize_with = "de_upstreams")]
@@ -764,27 +808,73 @@ impl ScalarValue for ListenAddr {
     }
 }
 
-/// `listen:` is one address or a list of them (at least one, no duplicates).
-fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Listener>>, D::Error> {
+/// One `listen:` item before the `tls` block is known: `tls: None` follows the block.
+struct RawListener {
+    addr: String,
+    tls: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a listener map with addr and tls")]
+struct RawListenerMap {
+    addr: Checked<ListenAddr>,
+    tls: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for RawListener {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawListener;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("host:port or {addr: host:port, tls: true|false}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                let addr = check_listen_addr(v).map_err(E::custom)?;
+                Ok(RawListener { addr, tls: None })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let raw = RawListenerMap::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(RawListener {
+                    addr: raw.addr.0 .0,
+                    tls: raw.tls,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `listen:` is one address or a list of them (at least one, no duplicates); an item may be a
+/// map `{addr, tls}`.
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<RawListener>>, D::Error> {
     struct V;
     impl<'de> Visitor<'de> for V {
-        type Value = Vec<Listener>;
+        type Value = Vec<RawListener>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("host:port or a list of host:port")
+            f.write_str("host:port, {addr: host:port, tls: bool}, or a list of them")
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
             let addr = check_listen_addr(v).map_err(E::custom)?;
-            Ok(vec![Listener { addr }])
+            Ok(vec![RawListener { addr, tls: None }])
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let raw = RawListenerMap::deserialize(MapAccessDeserializer::new(map))?;
+            Ok(vec![RawListener {
+                addr: raw.addr.0 .0,
+                tls: raw.tls,
+            }])
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out: Vec<Listener> = Vec::new();
-            while let Some(Checked(ListenAddr(addr))) = seq.next_element()? {
-                if out.iter().any(|l| l.addr == addr) {
+            let mut out: Vec<RawListener> = Vec::new();
+            while let Some(item) = seq.next_element::<RawListener>()? {
+                if out.iter().any(|l| l.addr == item.addr) {
                     return Err(de::Error::custom(format!(
-                        "listen address `{addr}` is listed twice"
+                        "listen address `{}` is listed twice",
+                        item.addr
                     )));
                 }
-                out.push(Listener { addr });
+                out.push(item);
             }
             if out.is_empty() {
                 return Err(de::Error::custom("listen needs at least one address"));
@@ -988,9 +1078,19 @@ fn de_acme<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AcmeConfig>, D::Err
 pub fn to_yaml(config: &Config) -> String {
     let c = config;
     let mut root = Mapping::new();
+    // A listener that follows the `tls` block is written as its address alone.
+    let listener = |l: &Listener| {
+        if l.tls == c.tls.is_some() {
+            return s(&l.addr);
+        }
+        let mut m = Mapping::new();
+        m.insert(s("addr"), s(&l.addr));
+        m.insert(s("tls"), Value::from(l.tls));
+        Value::Mapping(m)
+    };
     let listen = match c.listen.as_slice() {
-        [one] => s(&one.addr),
-        many => Value::Sequence(many.iter().map(|l| s(&l.addr)).collect()),
+        [one] => listener(one),
+        many => Value::Sequence(many.iter().map(listener).collect()),
     };
     root.insert(s("listen"), listen);
     if let Some(tls) = &c.tls {

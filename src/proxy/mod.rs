@@ -69,6 +69,8 @@ pub struct Gateway {
     pub logs: Arc<Logs>,
     /// Capacities are fixed at start-up; everything else about the queues follows reloads.
     pub queues: Arc<Queues>,
+    /// ACME challenge answers and the certificate obtained (empty without `tls.acme`).
+    pub acme: Arc<crate::acme::AcmeState>,
 }
 
 /// One attempt in progress.
@@ -124,11 +126,34 @@ impl Gateway {
             metrics,
             logs,
             queues,
+            acme: Arc::default(),
         }
     }
 
     pub fn state(&self) -> Arc<State> {
         self.state.load_full()
+    }
+
+    /// Answers an ACME HTTP-01 challenge request if its token is pending.
+    async fn answer_acme_challenge(&self, session: &mut Session) -> Result<bool> {
+        let path = String::from_utf8_lossy(session.req_header().raw_path()).into_owned();
+        let Some(answer) = self.acme.challenge_answer(&path) else {
+            return Ok(false);
+        };
+        let mut resp = ResponseHeader::build(200, Some(2))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, answer.len())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(bytes::Bytes::from(answer)), true)
+            .await?;
+        Ok(true)
+    }
+
+    /// The cell the state lives in, for readers outside requests (the TLS listeners'
+    /// certificate resolver).
+    pub fn state_cell(&self) -> Arc<ArcSwap<State>> {
+        self.state.clone()
     }
 
     /// Installs a new state (config reload); requests in flight keep the one they started on.
@@ -451,6 +476,15 @@ impl ProxyHttp for Gateway {
             }
         }
         session.set_keepalive(Some(ctx.state.keepalive_secs));
+        // ACME HTTP-01 validation requests are weir's own, ahead of admission.
+        if session
+            .req_header()
+            .raw_path()
+            .starts_with(crate::acme::CHALLENGE_PREFIX.as_bytes())
+            && self.answer_acme_challenge(session).await?
+        {
+            return Ok(true);
+        }
 
         match self
             .admission
@@ -552,11 +586,13 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        // The TLS listeners' sessions carry a TLS digest; plain ones do not.
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         upstream::prepare_request(
             upstream_request,
             &ctx.state.nodes[attempt.node],
             ctx.state.config.upstream_host,
-            client_ip,
+            upstream::Downstream { ip: client_ip, tls },
             ctx.request_id.as_ref(),
             ctx.traceparent.as_ref(),
             ctx.trace_started_here,
@@ -623,10 +659,18 @@ impl ProxyHttp for Gateway {
     fn fail_to_connect(
         &self,
         session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // An upstream certificate that does not verify is a configuration matter (ca, sni,
+        // tls_verify); the error log's UPSTREAM_DOWN alone would hide it.
+        if matches!(
+            e.etype(),
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError
+        ) {
+            log::warn!("TLS handshake with upstream {peer} failed: {e}");
+        }
         let failure = Failure::from_connect_error(&e);
         self.end_attempt(ctx, Err(failure));
         let retry = self.may_retry(session, ctx, failure);

@@ -8,7 +8,7 @@ use http::header::{HeaderName, HeaderValue};
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{Config, Scheme, Upstream, UpstreamHost};
+use crate::config::{Config, Scheme, TlsConfig, Upstream, UpstreamHost};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::routing::{Clock, Router, RouterSettings, SystemClock};
 
@@ -33,6 +33,8 @@ pub struct State {
     pub keepalive_secs: u64,
     /// The router's clock, handed on to the router of the next reload.
     pub clock: Arc<dyn Clock>,
+    /// What the TLS listeners serve (read from `tls.cert`/`tls.key` at every load).
+    pub certificate: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 impl State {
@@ -103,7 +105,25 @@ impl State {
                 .map_err(|e| format!("response header value {value:?}: {e}"))?;
             response_headers.push((name, value));
         }
+        let certificate = match &config.tls {
+            Some(TlsConfig {
+                cert: Some(cert),
+                key: Some(key),
+                ..
+            }) => Some(crate::tls::load_certified_key(cert, key)?),
+            _ => None,
+        };
+        let acme = config.tls.as_ref().and_then(|t| t.acme.as_ref());
+        if acme.is_some_and(|a| a.cache_dir.is_none()) {
+            return Err(
+                "tls.acme needs cache_dir (where the certificate and account are kept)".into(),
+            );
+        }
+        if certificate.is_none() && acme.is_none() && config.listen.iter().any(|l| l.tls) {
+            return Err("tls: a TLS listener needs tls.cert and tls.key, or tls.acme".into());
+        }
         Ok(State {
+            certificate,
             attempts: config.attempts_per_request(),
             keepalive_secs: config.timeouts.keepalive.as_secs().max(1),
             response_headers,
@@ -147,14 +167,23 @@ fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, Stri
     if tls {
         o.verify_cert = u.tls_verify;
         o.verify_hostname = u.tls_verify;
-        if u.ca.is_some() {
-            return Err(format!(
-                "upstream {}: a per-upstream `ca` is not supported yet (system roots only)",
-                u.url
-            ));
+        // Without `ca`, Pingora's connector trusts the system roots (rustls-native-certs:
+        // /etc/ssl/certs, or SSL_CERT_FILE / SSL_CERT_DIR).
+        if let Some(ca) = &u.ca {
+            let certs = crate::tls::load_upstream_ca(ca)
+                .map_err(|e| format!("upstream {}: ca: {e}", u.url))?;
+            o.ca = Some(certs);
         }
     }
     Ok(peer)
+}
+
+/// What the forwarding headers say about the client's side of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    pub ip: Option<std::net::IpAddr>,
+    /// The client came in over a TLS listener (`X-Forwarded-Proto: https`).
+    pub tls: bool,
 }
 
 /// Request headers for one attempt: forwarding headers, request id, trace context, Host policy.
@@ -163,14 +192,14 @@ pub fn prepare_request(
     req: &mut RequestHeader,
     node: &Node,
     host_mode: UpstreamHost,
-    client_ip: Option<std::net::IpAddr>,
+    client: Downstream,
     request_id: Option<&HeaderValue>,
     traceparent: Option<&HeaderValue>,
     trace_started_here: bool,
 ) -> Result<()> {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    if let Some(ip) = client_ip {
+    if let Some(ip) = client.ip {
         use std::io::Write;
         let mut buf = smallvec::SmallVec::<[u8; 64]>::new();
         if let Some(prev) = req.headers.get(&XFF).filter(|v| !v.is_empty()) {
@@ -186,7 +215,7 @@ pub fn prepare_request(
         })?;
         req.insert_header(XFF, value)?;
     }
-    req.insert_header(XFP, "http")?;
+    req.insert_header(XFP, if client.tls { "https" } else { "http" })?;
     if let Some(id) = request_id {
         req.insert_header(
             HeaderName::from_static(super::respond::X_REQUEST_ID),

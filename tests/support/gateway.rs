@@ -79,9 +79,17 @@ enum Source {
 
 pub struct GatewayBuilder {
     source: Source,
+    /// Extra environment of the weir process (e.g. SSL_CERT_FILE for a test CA).
+    env: Vec<(String, String)>,
 }
 
 impl GatewayBuilder {
+    /// Sets an environment variable of the weir process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     fn yaml_parts(&mut self) -> (&mut Vec<String>, &mut Vec<String>) {
         match &mut self.source {
             Source::Yaml {
@@ -160,6 +168,7 @@ impl GatewayBuilder {
             .arg("-c")
             .arg(&config_path)
             .current_dir(dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).expect("create stdout.log"))
             .stderr(File::create(&stderr_path).expect("create stderr.log"))
@@ -250,6 +259,7 @@ impl Gateway {
                 upstreams: Vec::new(),
                 fragments: Vec::new(),
             },
+            env: Vec::new(),
         }
     }
 
@@ -264,6 +274,7 @@ impl Gateway {
                 file_name: file_name.to_string(),
                 text: Box::new(text),
             },
+            env: Vec::new(),
         }
     }
 

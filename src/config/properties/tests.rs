@@ -66,7 +66,8 @@ fn a_realistic_file_maps_every_key() {
     assert_eq!(
         c.listen,
         vec![Listener {
-            addr: "127.0.0.1:8080".into()
+            addr: "127.0.0.1:8080".into(),
+            tls: true,
         }]
     );
     let urls: Vec<_> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
@@ -113,10 +114,17 @@ fn a_realistic_file_maps_every_key() {
     assert_eq!(c.log.access, AccessLog::Stdout);
 
     let lines: Vec<_> = warnings.iter().map(|w| w.line).collect();
-    // The queues are supported: only the TLS keys warn.
-    assert_eq!(lines, [Some(14), Some(17)]);
-    assert!(warnings[0].message.contains(TLS_NOT_SUPPORTED_YET));
-    assert!(warnings[1].message.starts_with("SSL_AUTO_ENABLE"));
+    // The queues and SSL_ENABLE are supported: only SSL_AUTO_ENABLE warns (no plain listener
+    // for HTTP-01).
+    assert_eq!(lines, [Some(17)]);
+    assert!(warnings[0].message.starts_with("SSL_AUTO_ENABLE"));
+    assert!(warnings[0]
+        .message
+        .contains(crate::config::ACME_NEEDS_PLAIN_LISTENER));
+    assert!(
+        c.listen.iter().all(|l| l.tls),
+        "SSL_ENABLE makes the listener TLS"
+    );
 }
 
 #[test]
@@ -338,8 +346,12 @@ fn warnings_come_only_from_keys_that_turn_something_on() {
         "{ENDPOINTS}ENABLE_UPFRONT_Q=true\nENABLE_DEFERRED_Q=true\n"
     ));
     assert!(queues.warnings.is_empty(), "{:?}", queues.warnings);
-    let loud = ok(&format!(
+    let served = ok(&format!(
         "{ENDPOINTS}SSL_ENABLE=true\nSSL_CERTIFICATE_FILE=/c.pem\nSSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(served.warnings.is_empty(), "{:?}", served.warnings);
+    let loud = ok(&format!(
+        "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\n"
     ));
     assert_eq!(loud.warnings.len(), 1, "{:?}", loud.warnings);
     assert_eq!(loud.warnings[0].line, Some(2));

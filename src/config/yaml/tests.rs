@@ -31,7 +31,8 @@ fn embedded_default_yaml_parses_to_the_documented_values() {
     assert_eq!(
         c.listen,
         vec![Listener {
-            addr: "127.0.0.1:5252".into()
+            addr: "127.0.0.1:5252".into(),
+            tls: false,
         }]
     );
     let urls: Vec<_> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
@@ -382,6 +383,7 @@ fn to_yaml_reads_back_to_an_equal_config() {
     // Every non-default shape: lists, maps, offs, odd units.
     c.listen.push(Listener {
         addr: "[::1]:5253".into(),
+        tls: false,
     });
     c.upstreams[1].weight = 5;
     c.upstreams[1].sni = Some("b.local".into());
@@ -417,4 +419,52 @@ fn to_yaml_reads_back_to_an_equal_config() {
     c.log.error_file = None;
     let text = to_yaml(&c);
     assert_eq!(ok(&text), c, "{text}");
+}
+
+#[test]
+fn listeners_follow_the_tls_block_unless_they_say_otherwise() {
+    let plain = ok("listen: 127.0.0.1:80\nupstreams: [http://127.0.0.1:9001]\n");
+    assert!(!plain.listen[0].tls);
+    let tls = "tls: {cert: /c.pem, key: /k.pem}\nupstreams: [http://127.0.0.1:9001]\n";
+    let all = ok(&format!("listen: 127.0.0.1:443\n{tls}"));
+    assert!(
+        all.listen[0].tls,
+        "listen + tls = a TLS listener (SSL_ENABLE)"
+    );
+    let mixed = ok(&format!(
+        "listen: [{{addr: 127.0.0.1:80, tls: false}}, 127.0.0.1:443]\n{tls}"
+    ));
+    let flags: Vec<_> = mixed
+        .listen
+        .iter()
+        .map(|l| (l.addr.as_str(), l.tls))
+        .collect();
+    assert_eq!(flags, [("127.0.0.1:80", false), ("127.0.0.1:443", true)]);
+    // The written form reads back as the same listeners.
+    let back = ok(&to_yaml(&mixed));
+    assert_eq!(back.listen, mixed.listen);
+    err_at(
+        "listen: [{addr: 127.0.0.1:443, tls: true}]\nupstreams: [http://127.0.0.1:9001]\n",
+        None,
+        &["tls: true", "no `tls` block"],
+    );
+    err_at(
+        "listen: [{addr: 127.0.0.1:443, tsl: true}]\nupstreams: [http://127.0.0.1:9001]\n",
+        Some(1),
+        &["tsl"],
+    );
+}
+
+#[test]
+fn acme_and_unverified_upstreams_are_warned() {
+    let loaded = parse(
+        Path::new("weir.yaml"),
+        "tls: {cert: /c.pem, key: /k.pem, acme: {domains: [a.example]}}\n\
+         upstreams: [{url: 'https://127.0.0.1:9443', tls_verify: false}]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let messages: Vec<_> = loaded.warnings.iter().map(|w| w.message.as_str()).collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages[0].contains("HTTP-01"), "{messages:?}");
+    assert!(messages[1].contains("tls_verify: false"), "{messages:?}");
 }
