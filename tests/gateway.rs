@@ -279,15 +279,15 @@ async fn hung_node_loses_traffic_before_its_timeout_fires() {
     for i in 0..30 {
         assert_eq!(gw.get(&format!("/warm/{i}")).await.status, 200);
     }
-    // 24 clients in parallel: a router that learned only from timeouts (or from in-flight counts
+    // 32 clients in parallel: a router that learned only from timeouts (or from in-flight counts
     // alone) would park most of them on the hung node for 2 s each; one that notices the stall
     // stops sending it anything within a few requests. The node hangs once traffic flows.
     let mut clients = Vec::new();
     let warm = a.count() + b.count();
-    for c in 0..24 {
+    for c in 0..32 {
         let gw = gw.clone();
         clients.push(tokio::spawn(async move {
-            for i in 0..20 {
+            for i in 0..15 {
                 let resp = gw.get(&format!("/c{c}/{i}")).await;
                 assert_eq!(resp.status, 200, "client {c} request {i}: {}", resp.text());
             }
@@ -303,7 +303,7 @@ async fn hung_node_loses_traffic_before_its_timeout_fires() {
     let stuck = hung.count() - before;
     eprintln!("hung node received {stuck} requests");
     assert!(
-        stuck <= 10,
+        stuck <= 15,
         "the hung node received {stuck} of 480 requests before its first timeout fired"
     );
     assert_eq!(
