@@ -42,7 +42,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HeaderValue;
 use pingora::prelude::*;
-use pingora::protocols::Digest;
 use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{ErrorSource, ErrorType, RetryType};
 use pingora_proxy::FailToProxy;
@@ -557,19 +556,6 @@ impl ProxyHttp for Gateway {
             copy_sent: false,
         });
         Ok(Box::new(ctx.state.nodes[node].peer.clone()))
-    }
-
-    async fn connected_to_upstream(
-        &self,
-        _session: &mut Session,
-        _reused: bool,
-        _peer: &HttpPeer,
-        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
-        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
-        _digest: Option<&Digest>,
-        _ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        Ok(())
     }
 
     /// Forwarding headers, the request id and the Host policy, on every attempt.
