@@ -134,7 +134,7 @@ fn main() -> ExitCode {
             };
             print_warnings(&config, &loaded.warnings);
             let pid_file = &loaded.config.server.pid_file;
-            match signal_pid_file(pid_file, libc_sighup()) {
+            match signal_pid_file(pid_file, "HUP") {
                 Ok(pid) => {
                     eprintln!("weir: {}: ok, sent SIGHUP to pid {pid}", config.display());
                     ExitCode::SUCCESS
@@ -167,12 +167,9 @@ fn main() -> ExitCode {
     }
 }
 
-const fn libc_sighup() -> i32 {
-    1
-}
-
-/// Sends `signal` to the pid written in `pid_file` (with `kill(1)`, so no unsafe code here).
-fn signal_pid_file(pid_file: &std::path::Path, signal: i32) -> Result<u32, String> {
+/// Sends `signal` (a name such as `HUP`) to the pid written in `pid_file`, with `kill(1)`, so
+/// no unsafe code here.
+fn signal_pid_file(pid_file: &std::path::Path, signal: &str) -> Result<u32, String> {
     let text = std::fs::read_to_string(pid_file).map_err(|e| e.to_string())?;
     let pid: u32 = text
         .trim()

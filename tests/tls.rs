@@ -413,14 +413,7 @@ async fn a_renewed_certificate_is_served_after_sighup() {
     let renewed = pki.issue("renewed");
     std::fs::copy(&renewed.cert, &first.cert).expect("replace cert");
     std::fs::copy(&renewed.key, &first.key).expect("replace key");
-    gw.signal("HUP");
-    gw.wait_for_metric(
-        "weir_config_reloads_total",
-        &[("result", "ok")],
-        |v| v >= 1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    gw.reload("ok").await;
     assert_eq!(served_certificate(gw.addr(), &pki).await, renewed.der);
     assert!(
         gw.logs().contains("new TLS certificate in service"),
@@ -433,14 +426,7 @@ async fn a_renewed_certificate_is_served_after_sighup() {
     // A broken renewal (key of another certificate) is rejected: the renewed one stays.
     let other = pki.issue("other");
     std::fs::copy(&other.key, &first.key).expect("replace key");
-    gw.signal("HUP");
-    gw.wait_for_metric(
-        "weir_config_reloads_total",
-        &[("result", "rejected")],
-        |v| v >= 1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    gw.reload("rejected").await;
     assert_eq!(served_certificate(gw.addr(), &pki).await, renewed.der);
     assert!(gw.logs().contains("does not match"), "{}", gw.logs());
 }

@@ -73,6 +73,7 @@ impl Failure {
         }
     }
 
+    /// The metrics label (`weir_upstream_attempts_total{result}`).
     pub fn label(self) -> &'static str {
         ATTEMPT_RESULTS[self.result_index()]
     }

@@ -188,8 +188,7 @@ impl Gateway {
         let Some(attempt) = ctx.attempt.take() else {
             return;
         };
-        let state = ctx.state.clone();
-        self.record_attempt(&state, attempt.node, result, attempt.started.elapsed());
+        self.record_attempt(&ctx.state, attempt.node, result, attempt.started.elapsed());
         match result {
             Ok(()) => {
                 // A node answers: a replay waiting out its backoff may try now.

@@ -151,14 +151,15 @@ async fn take_over(stream: UnixStream, queues: &Queues) -> Result<(), String> {
     let mut refused = 0usize;
     loop {
         line.clear();
-        let n = lines
+        let n = (&mut lines)
+            .take(MAX_LINE as u64 + 1)
             .read_line(&mut line)
             .await
             .map_err(|e| e.to_string())?;
         if n == 0 {
             break;
         }
-        if line.len() > MAX_LINE {
+        if n > MAX_LINE {
             return Err("hand-over line too long".into());
         }
         let exported: ExportedRequest =

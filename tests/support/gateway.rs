@@ -427,6 +427,29 @@ impl Gateway {
     /// Scrapes `/metrics` until `ok` holds for the sum of `name{labels}` (missing = 0), bounded by
     /// `deadline`; counters are updated when a request is logged, which may be just after the
     /// client saw the response. Returns the last value.
+    /// Sends SIGHUP and waits (bounded) until the reload is counted with `result` (`ok` or
+    /// `rejected`) in `weir_config_reloads_total`.
+    pub async fn reload(&self, result: &str) {
+        let labels = [("result", result)];
+        let before = self
+            .metrics()
+            .await
+            .sum_or_zero("weir_config_reloads_total", &labels);
+        self.signal("HUP");
+        self.wait_for_reloads(result, before + 1.0).await;
+    }
+
+    /// Waits (bounded) until `weir_config_reloads_total{result}` reaches `at_least`.
+    pub async fn wait_for_reloads(&self, result: &str, at_least: f64) {
+        self.wait_for_metric(
+            "weir_config_reloads_total",
+            &[("result", result)],
+            |v| v >= at_least,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+
     pub async fn wait_for_metric(
         &self,
         name: &str,
