@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::header::HeaderValue;
 use weir::metrics::{Metrics, Outcome, RetryReason};
-use weir::proxy::trace::{new_traceparent, valid_traceparent};
+use weir::forward::trace::{new_traceparent, valid_traceparent};
 
 fn recording(c: &mut Criterion) {
     let metrics = Metrics::new();

@@ -33,16 +33,23 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// A request as `proxy::defer::entry` builds it: exact-size target, header block and body.
+/// A request as `proxy::defer::entry` builds it: exact-size target, header block and body,
+/// and the client's side of the forwarding headers.
 fn request(id: u64, body_len: usize) -> QueuedRequest {
     let headers = "host: api.example.com\r\nuser-agent: curl/8.5.0\r\naccept: */*\r\n\
                    content-type: application/json\r\nx-forwarded-for: 10.0.0.7\r\n\
-                   x-forwarded-proto: http\r\nx-request-id: 3f2a9c0e7b1d4e5fa6c8b9d0e1f2a3b4\r\n";
+                   x-request-id: 3f2a9c0e7b1d4e5fa6c8b9d0e1f2a3b4\r\n";
+    let client = weir::forward::Client::capture(
+        &http::HeaderMap::new(),
+        Some(std::net::Ipv4Addr::LOCALHOST.into()),
+        false,
+    );
     QueuedRequest {
         id: weir::queue::QueueId(id),
         method: http::Method::POST,
         target: Bytes::copy_from_slice(b"/api/v1/orders?tenant=42"),
         headers: Bytes::from(headers.as_bytes().to_vec().into_boxed_slice()),
+        client,
         body: Bytes::from(vec![b'x'; body_len].into_boxed_slice()),
         enqueued: tokio::time::Instant::now(),
         enqueued_unix_ms: unix_ms(SystemTime::now()),

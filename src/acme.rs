@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
@@ -30,6 +29,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use rustls::sign::CertifiedKey;
 
+use crate::certs::CertStore;
 use crate::config::AcmeConfig;
 use crate::metrics::Metrics;
 
@@ -39,13 +39,12 @@ pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// The path prefix of HTTP-01 challenge requests.
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
-/// What the proxy shares with the ACME service: pending challenge answers and the certificate.
+/// What the proxy shares with the ACME service: pending challenge answers. (The certificate
+/// obtained goes to the [`CertStore`].)
 #[derive(Default)]
 pub struct AcmeState {
     /// token → key authorization, while an order is being validated.
     challenges: RwLock<HashMap<String, String>>,
-    /// The certificate obtained (or read from the cache); preferred over `tls.cert`.
-    pub certificate: ArcSwapOption<CertifiedKey>,
 }
 
 impl AcmeState {
@@ -90,6 +89,7 @@ impl Cache {
 pub struct AcmeService {
     pub config: AcmeConfig,
     pub state: Arc<AcmeState>,
+    pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -119,7 +119,7 @@ impl BackgroundService for AcmeService {
                         .acme_orders
                         .with_label_values(&["failed"])
                         .inc();
-                    let kept = match self.state.certificate.load().is_some() {
+                    let kept = match self.certs.acme().is_some() {
                         true => "the certificate in service stays",
                         false => "no ACME certificate yet",
                     };
@@ -182,7 +182,7 @@ impl AcmeService {
     }
 
     fn serve(&self, certified: Arc<CertifiedKey>, not_after: SystemTime) {
-        self.state.certificate.store(Some(certified));
+        self.certs.set_acme(certified);
         self.metrics
             .acme_certificate_expiry
             .set(i64::try_from(unix(not_after)).unwrap_or(i64::MAX));
@@ -308,7 +308,7 @@ fn patient() -> RetryPolicy {
 
 /// The cached pair and the leaf's expiry.
 fn load(cache: &Cache) -> Result<(Arc<CertifiedKey>, SystemTime), String> {
-    let certified = crate::tls::load_certified_key(&cache.cert, &cache.key)?;
+    let certified = crate::certs::load_certified_key(&cache.cert, &cache.key)?;
     let not_after = certified
         .cert
         .first()

@@ -27,7 +27,7 @@ impl AdminApp {
 
     /// `GET /queue`: depth, capacity, oldest age and dead letters of each queue.
     fn queue_status(&self) -> Vec<u8> {
-        let state = self.gateway.state();
+        let state = self.gateway.runtime();
         let q = &self.gateway.queues;
         let body = serde_json::json!({
             "deferred": q.deferred.status(state.config.deferred_queue.enabled),

@@ -75,7 +75,7 @@ pub fn run(listen: &str) -> Result<(), String> {
         let mut last = vec![0u64; report_nodes.len()];
         loop {
             tokio::time::sleep(REPORT_EVERY).await;
-            let state = gateway.state();
+            let state = gateway.runtime();
             let p = state.router.selection_probabilities();
             let mut line = String::from("weir demo:");
             for (i, n) in report_nodes.iter().enumerate() {

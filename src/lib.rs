@@ -2,32 +2,54 @@
 //!
 //! The module map follows a request's path (see `docs/ARCHITECTURE.md`):
 
-/// ACME: obtains and renews the listeners' certificate (HTTP-01).
-pub mod acme;
-/// Admin listener: status page, /status.json, /metrics, /healthz, /queue.
-pub mod admin;
+//! Layers, lowest first; a module names only modules above it in this list:
+//!
+//! ```text
+//! config                     the typed config and its two readers
+//! routing, failure           pure cores: node scores and choice; the failure taxonomy
+//! metrics, logs, certs       metric handles; access/error logs; the certificate store
+//! runtime                    the running state built from one config (nodes, router)
+//! forward                    the forwarding policy (the upstream request head)
+//! queue, tls, acme           queues and their replay; TLS listeners; ACME
+//! proxy                      the ProxyHttp hooks
+//! admin, status, reload      admin listener, status page, config reload
+//! server, demo               the assembled Pingora server; `weir demo`
+//! ```
+
 /// The typed config and its two readers (native YAML, ServiceQ sq.properties).
 pub mod config;
-/// `weir demo`: local upstreams (one flapping) plus the gateway.
-pub mod demo;
-/// Access log and ServiceQ-shaped error log, written off the request path.
-pub mod logs;
-/// Every exported metric, in one place.
-pub mod metrics;
-/// The `ProxyHttp` implementation, one file per stage.
-pub mod proxy;
-/// The deferred and upfront queues: store, replay, delivery, request formats.
-pub mod queue;
-/// Config reload: read, validate, swap atomically (SIGHUP, `weir reload`).
-pub mod reload;
 /// Error-feedback routing: pure logic, injected clock.
 pub mod routing;
-/// Assembles the Pingora server and its services.
-pub mod server;
+/// The one failure taxonomy: every upstream error classified once.
+pub mod failure;
+/// Every exported metric, in one place.
+pub mod metrics;
+/// Access log and ServiceQ-shaped error log, written off the request path.
+pub mod logs;
+/// The certificates the TLS listeners serve (files and ACME), and PEM readers.
+pub mod certs;
+/// The running state built from one config: nodes, peers, router.
+pub mod runtime;
+/// The forwarding policy: the head of every upstream request, live or replayed.
+pub mod forward;
+/// The deferred and upfront queues: store, replay, delivery.
+pub mod queue;
+/// TLS listeners: settings and the live certificate resolver.
+pub mod tls;
+/// ACME: obtains and renews the listeners' certificate (HTTP-01).
+pub mod acme;
+/// The `ProxyHttp` implementation, one file per stage.
+pub mod proxy;
+/// Admin listener: status page, /status.json, /metrics, /healthz, /queue.
+pub mod admin;
 /// The live status page and its JSON (`GET /`, `GET /status.json` on the admin listener).
 pub mod status;
-/// TLS: the listeners' live certificate, upstream CA files.
-pub mod tls;
+/// Config reload: read, validate, swap atomically (SIGHUP, `weir reload`).
+pub mod reload;
+/// Assembles the Pingora server and its services.
+pub mod server;
+/// `weir demo`: local upstreams (one flapping) plus the gateway.
+pub mod demo;
 
 /// Process-wide logger for weir's own diagnostics (stderr), at the configured level.
 pub fn init_logging(level: &str) {

@@ -118,8 +118,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             print_warnings(&config, &loaded.warnings);
-            let metrics = weir::metrics::Metrics::new();
-            if let Err(e) = weir::proxy::State::build(loaded.config.clone(), &metrics) {
+            if let Err(e) = weir::server::check(&loaded.config) {
                 eprintln!("weir: {}: {e}", config.display());
                 return ExitCode::from(1);
             }

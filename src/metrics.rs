@@ -12,7 +12,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::proxy::failures::ATTEMPT_RESULTS;
+use crate::failure::ATTEMPT_RESULTS;
 
 /// `weir_requests_total{outcome}` values, in index order.
 pub const OUTCOMES: [&str; 5] = ["proxied", "buffered", "queued", "rejected", "failed"];

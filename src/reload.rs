@@ -1,6 +1,6 @@
 //! Config reload (SIGHUP, `weir reload`): read, validate, swap atomically.
 //!
-//! A reload builds a complete new [`State`] from the file and swaps it in with one atomic
+//! A reload builds a complete new [`Runtime`] from the file and swaps it in with one atomic
 //! store. Requests in flight keep the state they started on to their end, so a node removed by
 //! the reload is drained, not cut. Nodes that stay (same normalised URL) keep their error
 //! score, latency estimate and in-flight count. A file that does not load is rejected as a
@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{Config, Listener};
-use crate::proxy::{Gateway, State};
+use crate::certs;
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
 
 /// What a successful reload changed and what it could not.
 #[derive(Debug, Default)]
@@ -71,14 +73,17 @@ impl Reloader {
         if let Some(listen) = &self.listen_override {
             config.listen = listen.clone();
         }
-        let old = self.gateway.state();
+        let old = self.gateway.runtime();
         let needs_restart = keep_restart_only_settings(&mut config, &old.config);
-        let new = State::build_carried(config, &self.gateway.metrics, &old)?;
-
-        let leaf = |s: &State| s.certificate.as_ref().and_then(|c| c.cert.first().cloned());
+        let new = Runtime::build_carried(config, &self.gateway.metrics, &old)?;
+        // Read again on every reload: how a renewed certificate reaches new connections.
+        let pair = certs::load_configured(&new.config)?;
+        let leaf = |c: &Option<std::sync::Arc<rustls::sign::CertifiedKey>>| {
+            c.as_ref().and_then(|c| c.cert.first().cloned())
+        };
         let mut report = ReloadReport {
             needs_restart,
-            certificate_changed: leaf(&new) != leaf(&old),
+            certificate_changed: leaf(&pair) != leaf(&self.gateway.certs.files()),
             ..ReloadReport::default()
         };
         for n in &new.nodes {
@@ -93,7 +98,8 @@ impl Reloader {
                 report.removed.push(o.upstream.url.clone());
             }
         }
-        self.gateway.swap_state(new);
+        self.gateway.swap_runtime(new);
+        self.gateway.certs.set_files(pair);
         for url in &report.removed {
             self.gateway.metrics.forget_node(url);
         }
@@ -138,7 +144,7 @@ fn keep_restart_only_settings(new: &mut Config, running: &Config) -> Vec<&'stati
         };
     }
     keep!(listen, "listen");
-    // The certificate files are read again by every reload (State::build), which is how a
+    // The certificate files are read again by every reload (certs::load_configured), which is how a
     // renewed certificate reaches new connections; turning TLS on or off is the listeners'.
     if new.tls.is_some() != running.tls.is_some() {
         changed.push("tls");

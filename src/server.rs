@@ -15,11 +15,25 @@ use crate::admin::AdminApp;
 use crate::config::{Config, Listener};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
-use crate::proxy::{Gateway, State};
-use crate::queue::delivery::GatewayDelivery;
+use crate::proxy::Gateway;
+use crate::queue::delivery::ClusterDelivery;
 use crate::queue::replay::{Replay, ReplaySettings};
 use crate::queue::QueueKind;
 use crate::reload::Reloader;
+use crate::runtime::Runtime;
+
+/// Pingora's own cap on attempts per request. weir's retry policy decides every retry itself
+/// from the runtime in force (so `retries.max_attempts` and the node list reload live); this
+/// only stops a runaway loop.
+const PINGORA_MAX_RETRIES: usize = 1024;
+
+/// What `weir check` verifies beyond the file itself: the runtime builds (upstream CA files,
+/// header values) and the TLS pair loads.
+pub fn check(config: &Config) -> Result<(), String> {
+    Runtime::build(config.clone(), &Metrics::new())?;
+    crate::certs::load_configured(config)?;
+    Ok(())
+}
 
 /// What `weir run` needs beyond the config.
 #[derive(Default, Clone)]
@@ -41,8 +55,7 @@ fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
         upgrade_sock: s.upgrade_sock.to_string_lossy().into_owned(),
         grace_period_seconds: Some(s.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.as_secs()),
-        // weir bounds attempts itself (retries.max_attempts); this is only a backstop.
-        max_retries: config.attempts_per_request() + 4,
+        max_retries: PINGORA_MAX_RETRIES,
         daemon: opts.daemon,
         // One worker thread gains nothing from tokio's work-stealing scheduler and pays for it
         // on every wake-up; Pingora's per-thread runtime is cheaper.
@@ -64,8 +77,10 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         Logs::start(&config.log.access, config.log.error_file.as_deref())
             .map_err(|e| format!("cannot open log files: {e}"))?,
     );
-    let state = State::build(config.clone(), &metrics)?;
-    let gateway = Arc::new(Gateway::new(state, metrics, logs));
+    let runtime = Runtime::build(config.clone(), &metrics)?;
+    let pair = crate::certs::load_configured(&config)?;
+    let gateway = Arc::new(Gateway::new(runtime, metrics, logs));
+    gateway.certs.set_files(pair);
 
     let opt = Opt {
         upgrade: opts.upgrade,
@@ -83,8 +98,7 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     );
     for l in &config.listen {
         if l.tls {
-            let settings =
-                crate::tls::listener_settings(gateway.state_cell(), gateway.acme.clone())?;
+            let settings = crate::tls::listener_settings(gateway.certs.clone())?;
             proxy.add_tls_with_settings(&l.addr, None, settings);
         } else {
             proxy.add_tcp(&l.addr);
@@ -110,6 +124,7 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
             crate::acme::AcmeService {
                 config: acme,
                 state: gateway.acme.clone(),
+                certs: gateway.certs.clone(),
                 metrics: gateway.metrics.clone(),
             },
         ));
@@ -129,9 +144,13 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         let g = gateway.clone();
         let replay = Replay {
             queue: queue.clone(),
-            deliver: Arc::new(GatewayDelivery::new(gateway.clone(), kind)),
+            deliver: Arc::new(ClusterDelivery::new(
+                gateway.runtime_cell(),
+                gateway.logs.clone(),
+                kind,
+            )),
             settings: Arc::new(move || {
-                let state = g.state();
+                let state = g.runtime();
                 let q = match kind {
                     QueueKind::Deferred => &state.config.deferred_queue,
                     QueueKind::Upfront => &state.config.upfront_queue,
@@ -210,7 +229,7 @@ impl BackgroundService for Signals {
 }
 
 /// The replay of one queue, run until the shutdown signal plus the grace period.
-struct ReplayService(Replay<GatewayDelivery>);
+struct ReplayService(Replay<ClusterDelivery>);
 
 /// In a successor (`weir run -u`): takes the old process's queues over.
 struct HandoverReceiver {

@@ -26,7 +26,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::metrics::{Counts, QueueTotals, Totals};
-use crate::proxy::failures::ATTEMPT_RESULTS;
+use crate::failure::ATTEMPT_RESULTS;
 use crate::proxy::Gateway;
 use crate::routing::Algorithm;
 
@@ -95,7 +95,7 @@ pub struct QueueStatus {
 pub fn status(gateway: &Gateway, started: &Started) -> Status {
     // The queues (and any other scrape-time gauge) are read from the metrics they keep current.
     gateway.refresh_gauges();
-    let state = gateway.state();
+    let state = gateway.runtime();
     let router = &state.router;
     let probabilities = router.selection_probabilities();
     let upstreams = state

@@ -1,33 +1,146 @@
-//! Queueing a request instead of (upfront) or after (deferred) proxying it: reading its whole
-//! body when weir does not hold a copy yet, and building the queued entry with the headers an
-//! upstream would get.
+//! Queueing a request instead of (upfront) or after (deferred) proxying it: the deferral
+//! decision, reading the whole body when weir does not hold a copy yet, building the queued
+//! entry, and the answer the client gets (202 / 503 Request Buffered / 503 Queue Full / 413).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::HeaderName;
 use pingora::prelude::*;
 
-use super::RequestCtx;
+use super::request::RequestCtx;
+use super::respond::{self, Answer};
+use super::Gateway;
+use crate::metrics::{Outcome, Rejection};
 use crate::queue::{unix_ms, Queue, QueuedRequest};
 
 /// How long a client may take between two body reads while weir reads its body.
 const CLIENT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the framing
-/// and expectation headers weir sets itself.
-const HOP_BY_HOP: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "expect",
-    "proxy-authorization",
+/// Framing and expectation headers: each delivery sets its own.
+const FRAMING: [http::header::HeaderName; 3] = [
+    http::header::CONTENT_LENGTH,
+    http::header::EXPECT,
+    http::header::TRANSFER_ENCODING,
 ];
+
+/// Whether the deferred queue may take this request once every attempt failed (the body
+/// aside): it matches, and replaying it is safe or the operator allows unsafe replays.
+pub fn may_defer(ctx: &RequestCtx) -> bool {
+    ctx.deferrable
+        && (!ctx.maybe_sent || ctx.replay_safe || ctx.runtime.config.deferred_queue.replay_unsafe)
+}
+
+/// Every attempt failed: queue the request if it may be, and say what to answer (`None`:
+/// not deferrable, answer the failure).
+pub async fn defer(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Option<Answer> {
+    if !may_defer(ctx) {
+        return None;
+    }
+    let body = match &ctx.body {
+        Some(copy) => copy.clone(),
+        None if ctx.body_streamed => return None,
+        // Nothing of the body went anywhere yet (connect failures): read it now.
+        None => {
+            let max = ctx.runtime.config.limits.max_buffered_body;
+            match read_body(session, max).await {
+                Ok(Some(body)) => body,
+                Ok(None) => {
+                    log::info!(
+                        "not queueing {} {}: body over limits.max_buffered_body",
+                        session.req_header().method,
+                        String::from_utf8_lossy(session.req_header().raw_path())
+                    );
+                    session.set_keepalive(None);
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    };
+    let queue = gw.queues.deferred.clone();
+    let rate = ctx.runtime.config.deferred_queue.replay_rate;
+    Some(enqueue(gw, session, ctx, &queue, body, 503, "Request Buffered", rate))
+}
+
+/// The upfront queue takes the request without proxying it: 202, or 503 when full, or 413
+/// when its body is over `limits.max_buffered_body`.
+pub async fn enqueue_upfront(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    queue: &Arc<Queue>,
+) -> Result<()> {
+    let max = ctx.runtime.config.limits.max_buffered_body;
+    let too_large = super::body::content_length(session).is_some_and(|len| len > max);
+    let body = if too_large {
+        None
+    } else {
+        read_body(session, max).await?
+    };
+    let answer = match body {
+        Some(body) => {
+            let rate = ctx.runtime.config.upfront_queue.replay_rate;
+            enqueue(gw, session, ctx, queue, body, 202, "Request Queued", rate)
+        }
+        None => {
+            ctx.outcome = Outcome::Rejected;
+            return respond::send(session, ctx, &Answer::new(413, "Request Too Large"), true).await;
+        }
+    };
+    let close = answer.status != 202;
+    respond::send(session, ctx, &answer, close).await
+}
+
+/// Pushes the request onto `queue` and returns the answer: `status`/`message` with the
+/// queue id, or `503 Queue Full`.
+#[allow(clippy::too_many_arguments)]
+fn enqueue(
+    gw: &Gateway,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    queue: &Queue,
+    body: Bytes,
+    status: u16,
+    message: &'static str,
+    rate: u32,
+) -> Answer {
+    let entry = entry(session, ctx, queue, body);
+    let method = entry.method.clone();
+    let target = String::from_utf8_lossy(&entry.target).into_owned();
+    match queue.push(entry) {
+        Ok(id) => {
+            log::info!(
+                "queue={} id={id} {method} {target} queued (depth {})",
+                queue.kind.label(),
+                queue.len()
+            );
+            ctx.outcome = if status == 202 {
+                Outcome::Queued
+            } else {
+                Outcome::Buffered
+            };
+            Answer {
+                retry_after: (status == 503).then(|| retry_after(queue.len(), rate)),
+                queue_id: Some(id),
+                ..Answer::new(status, message)
+            }
+        }
+        Err(_) => {
+            log::warn!(
+                "queue={} full ({}): {method} {target} refused",
+                queue.kind.label(),
+                queue.capacity()
+            );
+            gw.metrics.rejected(Rejection::QueueFull);
+            ctx.outcome = Outcome::Rejected;
+            Answer {
+                retry_after: Some(retry_after(queue.len(), rate)),
+                ..Answer::new(503, "Queue Full")
+            }
+        }
+    }
+}
 
 /// The request's whole body, read from the client now, if it is at most `max` bytes. `None`
 /// when it is longer (what was read is dropped; the client must be answered and closed).
@@ -61,25 +174,11 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Option<Bytes
     result
 }
 
-/// The queued form of the request in `session` with `body`.
+/// The queued form of the request in `session` with `body`: the client's head as it arrived
+/// (less its framing; each delivery runs it through the forwarding policy like a live
+/// attempt) and the client's side of the forwarding headers.
 pub fn entry(session: &Session, ctx: &RequestCtx, queue: &Queue, body: Bytes) -> QueuedRequest {
     let req = session.req_header();
-    let connection_named: Vec<String> = req
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let forwarded = |name: &HeaderName| {
-        !HOP_BY_HOP.contains(&name.as_str())
-            && !connection_named.iter().any(|c| c == name.as_str())
-            && name.as_str() != "x-forwarded-for"
-            && name.as_str() != "x-forwarded-proto"
-            && name.as_str() != super::respond::X_REQUEST_ID
-    };
     let mut lines = Vec::with_capacity(256);
     let mut line = |name: &[u8], value: &[u8]| {
         lines.extend_from_slice(name);
@@ -87,42 +186,27 @@ pub fn entry(session: &Session, ctx: &RequestCtx, queue: &Queue, body: Bytes) ->
         lines.extend_from_slice(value);
         lines.extend_from_slice(b"\r\n");
     };
-    let mut xff: Option<String> = None;
-    for (name, value) in req.headers.iter() {
-        if name.as_str() == "x-forwarded-for" {
-            if let Ok(v) = value.to_str() {
-                xff = Some(match xff {
-                    Some(prev) => format!("{prev}, {v}"),
-                    None => v.to_string(),
-                });
-            }
+    // An HTTP/2 client names the authority in the URI; a replay goes out as HTTP/1.1.
+    if !req.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = req.uri.authority() {
+            line(b"host", authority.as_str().as_bytes());
         }
-        if forwarded(name) {
+    }
+    for (name, value) in req.headers.iter() {
+        if !FRAMING.contains(name) {
             line(name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    // The forwarding headers `upstream::prepare_request` adds on a live attempt.
-    let client_ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
-    let xff = match (xff.filter(|p| !p.trim().is_empty()), client_ip) {
-        (Some(prev), Some(ip)) => Some(format!("{prev}, {ip}")),
-        (None, Some(ip)) => Some(ip.to_string()),
-        (prev, None) => prev,
-    };
-    if let Some(xff) = xff {
-        line(b"x-forwarded-for", xff.as_bytes());
-    }
-    line(b"x-forwarded-proto", b"http");
-    if let Some(id) = &ctx.request_id {
-        line(super::respond::X_REQUEST_ID.as_bytes(), id.as_bytes());
-    }
+    let client = ctx
+        .client
+        .clone()
+        .unwrap_or_else(|| super::client_of(session));
     QueuedRequest {
         id: queue.new_id(),
         method: req.method.clone(),
         target: Bytes::copy_from_slice(req.raw_path()),
         headers: Bytes::from(lines.into_boxed_slice()),
+        client,
         body,
         enqueued: tokio::time::Instant::now(),
         enqueued_unix_ms: unix_ms(SystemTime::now()),

@@ -2,13 +2,13 @@
 //! HTTP/1.1 framing, the request id and the configured response headers.
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use pingora::prelude::*;
+use pingora_error::{ErrorSource, ErrorType};
 
-use super::RequestCtx;
+use super::request::RequestCtx;
 use crate::queue::QueueId;
 
-pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_WEIR_QUEUE_ID: &str = "x-weir-queue-id";
 
 /// A response decided by weir (not proxied).
@@ -65,57 +65,53 @@ pub async fn send(
 
 /// The request id and the operator's `response_headers`, on every response.
 pub fn add_common_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-    if let Some(id) = &ctx.request_id {
-        resp.insert_header(HeaderName::from_static(X_REQUEST_ID), id.clone())?;
+    if let Some(client) = &ctx.client {
+        resp.insert_header(
+            HeaderName::from_static(crate::forward::X_REQUEST_ID),
+            client.request_id.clone(),
+        )?;
     }
-    for (name, value) in ctx.state.response_headers.iter() {
+    for (name, value) in ctx.runtime.response_headers.iter() {
         resp.insert_header(name.clone(), value.clone())?;
     }
     Ok(())
 }
 
-/// A request id: 32 hex digits, random (not a secret, just unique enough to grep for).
-pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
-    for (i, byte) in buf.iter_mut().enumerate() {
-        let word = if i < 16 { a } else { b };
-        let nibble = (word >> ((i % 16) * 4)) & 0xf;
-        *byte = HEX[nibble as usize];
-    }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// A client-supplied id is kept when it is short and printable; otherwise weir makes its own.
-pub fn acceptable_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic())
+/// The answer table for a request that no attempt served (and no queue took): `None` when the
+/// client is gone or broke its own connection (nothing to answer). The node's last failure
+/// decides (504 timed out, 503 unreachable, 502 not HTTP); a bad request is 400.
+pub fn final_answer(e: &Error, ctx: &RequestCtx) -> Option<Answer> {
+    Some(match (e.esource(), e.etype()) {
+        (
+            ErrorSource::Downstream,
+            ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::ConnectionClosed
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout,
+        ) => return None,
+        (ErrorSource::Downstream, _) => Answer::new(400, "Bad Request"),
+        _ => match ctx.last_failure.and_then(|f| f.client_answer()) {
+            Some((status, message)) => Answer::new(status, message),
+            None => match e.etype() {
+                ErrorType::HTTPStatus(s) if (400..500).contains(s) => {
+                    Answer::new(*s, "Bad Request")
+                }
+                // A failure status weir kept from the client (to queue it, which then could
+                // not be), or no node left to try (503).
+                ErrorType::HTTPStatus(502) => Answer::new(502, "Bad Gateway"),
+                ErrorType::HTTPStatus(504) => Answer::new(504, "Gateway Timeout"),
+                ErrorType::HTTPStatus(_) => Answer::new(503, "Service Unavailable"),
+                _ if *e.esource() == ErrorSource::Upstream => Answer::new(502, "Bad Gateway"),
+                _ => Answer::new(500, "Internal Error"),
+            },
+        },
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_ids_are_32_hex_digits_and_differ() {
-        let a = new_request_id();
-        let b = new_request_id();
-        assert_eq!(a.len(), 32);
-        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn client_ids_must_be_short_and_printable() {
-        assert!(acceptable_request_id(&HeaderValue::from_static("abc-123")));
-        assert!(!acceptable_request_id(&HeaderValue::from_static(
-            "has space"
-        )));
-        assert!(!acceptable_request_id(
-            &HeaderValue::from_str(&"x".repeat(201)).unwrap()
-        ));
-    }
 
     #[test]
     fn bodies_keep_the_serviceq_key() {

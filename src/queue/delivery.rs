@@ -1,7 +1,9 @@
-//! Delivery of a queued request through the live gateway: the router of the current `State`
-//! picks the node (select/start/finish, so node scores learn from replays), the node's prebuilt
-//! Pingora peer carries the configured connect/request timeouts and TLS, and the same retry rule
-//! as live traffic decides whether another node may be tried after a failure.
+//! Delivery of a queued request through the running cluster: the router of the current
+//! [`Runtime`] picks the node (select/start/finish, so node scores learn from replays), the
+//! node's prebuilt Pingora peer carries the configured connect/request timeouts and TLS, the
+//! head is built by the same forwarding policy as a live attempt ([`forward::prepare`]), errors
+//! are classified by the one failure taxonomy, and the same retry rule as live traffic decides
+//! whether another node may be tried after a failure.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,44 +14,58 @@ use pingora_core::connectors::http::Connector;
 use smallvec::SmallVec;
 
 use super::replay::{Deliver, Delivery};
-use super::QueuedRequest;
-use crate::proxy::failures::Failure;
-use crate::proxy::{Gateway, State};
-use crate::queue::QueueKind;
+use super::{QueueKind, QueuedRequest};
+use crate::failure::{classify, AttemptError, Failure, Phase};
+use crate::forward;
+use crate::logs::Logs;
+use crate::runtime::{Runtime, RuntimeCell};
 
 /// How much of a replayed request's response body is read (and thrown away) before the
 /// connection is dropped.
 const MAX_RESPONSE_DRAIN: usize = 1 << 20;
 
-pub struct GatewayDelivery {
-    gateway: Arc<Gateway>,
+pub struct ClusterDelivery {
+    runtime: RuntimeCell,
+    logs: Arc<Logs>,
     kind: QueueKind,
     connector: Connector,
 }
 
-impl GatewayDelivery {
-    pub fn new(gateway: Arc<Gateway>, kind: QueueKind) -> GatewayDelivery {
-        GatewayDelivery {
-            gateway,
+impl ClusterDelivery {
+    pub fn new(runtime: RuntimeCell, logs: Arc<Logs>, kind: QueueKind) -> ClusterDelivery {
+        ClusterDelivery {
+            runtime,
+            logs,
             kind,
             connector: Connector::new(None),
         }
     }
 
-    fn replay_unsafe(&self, state: &State) -> bool {
+    fn replay_unsafe(&self, state: &Runtime) -> bool {
         match self.kind {
             QueueKind::Deferred => state.config.deferred_queue.replay_unsafe,
             QueueKind::Upfront => state.config.upfront_queue.replay_unsafe,
         }
     }
 
-    /// One attempt on one node: `Ok(status)` for any complete response header.
-    async fn attempt(&self, state: &State, node: usize, req: &QueuedRequest) -> Result<u16> {
+    /// One attempt on one node: `Ok(status)` for any complete response header; an error with
+    /// the phase it happened in.
+    async fn attempt(
+        &self,
+        state: &Runtime,
+        node: usize,
+        req: &QueuedRequest,
+    ) -> std::result::Result<u16, (Box<Error>, Phase)> {
         let n = &state.nodes[node];
-        let (mut session, _reused) = self.connector.get_http_session(&n.peer).await?;
+        let (mut session, reused) = self
+            .connector
+            .get_http_session(&n.peer)
+            .await
+            .map_err(|e| (e, Phase::Connect))?;
+        let phase = Phase::Exchange { reused };
         session.set_read_timeout(state.config.timeouts.request);
         session.set_write_timeout(state.config.timeouts.request);
-        let head = request_head(req, state, node)?;
+        let head = request_head(req, state, node).map_err(|e| (e, phase))?;
         let exchange = async {
             session.write_request_header(Box::new(head)).await?;
             if !req.body.is_empty() {
@@ -69,7 +85,7 @@ impl GatewayDelivery {
         };
         let status = exchange.await.map_err(|mut e| {
             e.as_up();
-            e
+            (e, phase)
         })?;
         // Read the answer off the wire (bounded) so the node sees a normal exchange.
         let mut drained = 0usize;
@@ -84,15 +100,11 @@ impl GatewayDelivery {
     }
 }
 
-/// The request head for one attempt: method, raw target, the stored header lines, the Host
-/// policy and the body length.
-fn request_head(req: &QueuedRequest, state: &State, node: usize) -> Result<RequestHeader> {
+/// The request head for one attempt: method, raw target, the client's header lines through
+/// the forwarding policy, and the body length.
+fn request_head(req: &QueuedRequest, state: &Runtime, node: usize) -> Result<RequestHeader> {
     let mut head = RequestHeader::build(req.method.clone(), &req.target, Some(16))?;
-    let rewrite_host = state.config.upstream_host == crate::config::UpstreamHost::Rewrite;
     for (name, value) in req.header_lines() {
-        if rewrite_host && name.eq_ignore_ascii_case(b"host") {
-            continue;
-        }
         let (Ok(name), Ok(value)) = (
             http::header::HeaderName::from_bytes(name),
             http::header::HeaderValue::from_bytes(value),
@@ -101,9 +113,12 @@ fn request_head(req: &QueuedRequest, state: &State, node: usize) -> Result<Reque
         };
         head.append_header(name, value)?;
     }
-    if rewrite_host {
-        head.insert_header(http::header::HOST, state.nodes[node].host_header.clone())?;
-    }
+    forward::prepare(
+        &mut head,
+        &state.nodes[node],
+        state.config.upstream_host,
+        &req.client,
+    )?;
     let body_method = matches!(req.method.as_str(), "POST" | "PUT" | "PATCH");
     if !req.body.is_empty() || body_method {
         head.insert_header(http::header::CONTENT_LENGTH, req.body.len())?;
@@ -112,10 +127,10 @@ fn request_head(req: &QueuedRequest, state: &State, node: usize) -> Result<Reque
 }
 
 #[async_trait]
-impl Deliver for GatewayDelivery {
+impl Deliver for ClusterDelivery {
     async fn deliver(&self, req: &QueuedRequest) -> Delivery {
-        let state = self.gateway.state();
-        let limit = state.attempts.min(state.nodes.len());
+        let state = self.runtime.load_full();
+        let limit = state.attempt_limit();
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         let mut sent = false;
         let mut last_error = String::from("no upstream is configured");
@@ -136,24 +151,32 @@ impl Deliver for GatewayDelivery {
             let started = Instant::now();
             let result = match tokio::time::timeout(bound, self.attempt(&state, node, req)).await {
                 Ok(r) => r,
-                Err(_) => Err(Error::explain(ErrorType::ReadTimedout, "replay attempt").into_up()),
+                Err(_) => Err((
+                    Error::explain(ErrorType::ReadTimedout, "replay attempt").into_up(),
+                    Phase::Exchange { reused: false },
+                )),
             };
             let url = &state.nodes[node].upstream.url;
             let failure = match result {
                 Ok(status) if !state.is_failure_status(status) => {
-                    self.gateway
-                        .record_attempt(&state, node, Ok(()), started.elapsed());
+                    state.record_attempt(&self.logs, node, Ok(()), started.elapsed());
                     return Delivery::Delivered {
                         status,
                         node: url.clone(),
                     };
                 }
                 Ok(status) => Failure::Status(status),
-                Err(e) if is_connect_error(&e) => Failure::from_connect_error(&e),
-                Err(e) => Failure::from_proxy_error(&e).unwrap_or(Failure::Reset),
+                Err((e, phase)) => match classify(&e, phase) {
+                    AttemptError::Node(f) => f,
+                    // A delivery uses one connection per attempt: a stale or broken one is
+                    // the node's as far as this replay can tell.
+                    AttemptError::Stale { unsent: true } => Failure::ConnectRefused,
+                    AttemptError::Stale { unsent: false }
+                    | AttemptError::Client
+                    | AttemptError::Internal => Failure::Reset,
+                },
             };
-            self.gateway
-                .record_attempt(&state, node, Err(failure), started.elapsed());
+            state.record_attempt(&self.logs, node, Err(failure), started.elapsed());
             last_error = format!("{url}: {}", failure.label());
             if !failure.nothing_sent() {
                 sent = true;
@@ -167,21 +190,4 @@ impl Deliver for GatewayDelivery {
             sent,
         }
     }
-}
-
-fn is_connect_error(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectTimedout
-            | ErrorType::ConnectRefused
-            | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-            | ErrorType::BindError
-            | ErrorType::SocketError
-            | ErrorType::TLSHandshakeFailure
-            | ErrorType::TLSHandshakeTimedout
-            | ErrorType::InvalidCert
-            | ErrorType::HandshakeError
-            | ErrorType::ConnectProxyFailure
-    )
 }

@@ -52,11 +52,24 @@ pub fn import(e: ExportedRequest) -> Result<QueuedRequest, String> {
     // The age carries over, so the TTL counts from the original arrival.
     let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(e.enqueued_unix_ms));
     let enqueued = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    // The ids as the client got them; a missing or unusable one (an older process's export) is
+    // made anew as on arrival.
+    let mut ids = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(&e.request_id) {
+        ids.insert(crate::forward::X_REQUEST_ID, v);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&e.traceparent) {
+        ids.insert(crate::forward::trace::TRACEPARENT, v);
+    }
+    let ip = e.client_ip.as_deref().and_then(|s| s.parse().ok());
+    let mut client = crate::forward::Client::capture(&ids, ip, e.tls);
+    client.trace_started_here |= e.trace_started_here;
     Ok(QueuedRequest {
         id: QueueId(id),
         method,
         target: Bytes::from(e.target.into_bytes()),
         headers: headers.freeze(),
+        client,
         body: Bytes::from(e.body),
         enqueued,
         enqueued_unix_ms: e.enqueued_unix_ms,
@@ -210,6 +223,11 @@ mod tests {
             attempts: 2,
             replay_safe: false,
             last_error: Some("connect refused".into()),
+            client_ip: Some("203.0.113.7".into()),
+            tls: true,
+            request_id: "req-1".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            trace_started_here: true,
         }
     }
 
@@ -220,6 +238,13 @@ mod tests {
         assert_eq!(req.id.to_string(), "00000a0000000007");
         assert_eq!(&req.target[..], b"/x?y");
         assert_eq!(&req.headers[..], b"x-a: 1\r\n");
+        assert_eq!(req.client.ip, Some("203.0.113.7".parse().unwrap()));
+        assert!(req.client.tls && req.client.trace_started_here);
+        assert_eq!(req.client.request_id, "req-1");
+        assert_eq!(
+            req.client.traceparent,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
         assert_eq!(req.attempts, 2);
         assert!(req.enqueued.elapsed() >= Duration::from_millis(900));
         assert!(import(exported("zz", "/")).is_err());

@@ -1,18 +1,18 @@
-//! The in-memory store: a crossbeam `ArrayQueue` (lock-free, bounded, FIFO) plus a count of
-//! occupied slots that also covers entries the replay has taken and not finished, so the
-//! capacity bounds everything the queue is responsible for.
+//! The in-memory store: a crossbeam `SegQueue` (lock-free, FIFO, grown in small blocks as
+//! entries arrive and freed as they leave, so an empty or disabled queue costs nothing however
+//! large its capacity) plus a count of occupied slots that also covers entries the replay has
+//! taken and not finished, so the capacity bounds everything the queue is responsible for.
 //!
-//! A push first reserves a slot with a compare-and-swap on the count and only then pushes into
-//! the ring, which has the same capacity; the ring therefore never refuses a reserved push.
+//! A push first reserves a slot with a compare-and-swap on the count and only then pushes.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 
 use super::{QueuedRequest, RequestQueue};
 
 pub struct MemoryQueue {
-    ring: ArrayQueue<QueuedRequest>,
+    entries: SegQueue<QueuedRequest>,
     occupied: AtomicUsize,
     capacity: usize,
 }
@@ -22,7 +22,7 @@ impl MemoryQueue {
     pub fn new(capacity: usize) -> MemoryQueue {
         let capacity = capacity.max(1);
         MemoryQueue {
-            ring: ArrayQueue::new(capacity),
+            entries: SegQueue::new(),
             occupied: AtomicUsize::new(0),
             capacity,
         }
@@ -47,14 +47,12 @@ impl RequestQueue for MemoryQueue {
                 Err(now) => current = now,
             }
         }
-        self.ring.push(req).inspect_err(|_| {
-            // Unreachable while the ring's capacity equals the reserved count; give the slot back.
-            self.occupied.fetch_sub(1, Ordering::AcqRel);
-        })
+        self.entries.push(req);
+        Ok(())
     }
 
     fn take(&self) -> Option<QueuedRequest> {
-        self.ring.pop()
+        self.entries.pop()
     }
 
     fn finish(&self) {

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::forward::Client;
 use crate::metrics::Metrics;
 use memory::MemoryQueue;
 
@@ -74,9 +75,13 @@ pub struct QueuedRequest {
     pub method: http::Method,
     /// The request target exactly as the client sent it.
     pub target: Bytes,
-    /// `name: value\r\n` lines as an upstream gets them (hop-by-hop headers removed,
-    /// forwarding headers added); `Content-Length` is added at delivery.
+    /// The client's header lines (`name: value\r\n`) without the framing headers
+    /// (`Content-Length`, `Expect`): each delivery builds its head from them with the same
+    /// forwarding policy as a live attempt ([`crate::forward::prepare`]) and sets the length.
     pub headers: Bytes,
+    /// The client's side of the forwarding headers and the request's ids, captured when it
+    /// arrived.
+    pub client: Client,
     pub body: Bytes,
     pub enqueued: Instant,
     pub enqueued_unix_ms: u64,
@@ -121,6 +126,11 @@ impl QueuedRequest {
             attempts: self.attempts,
             replay_safe: self.replay_safe,
             last_error: self.last_error.as_deref().map(str::to_string),
+            client_ip: self.client.ip.map(|ip| ip.to_string()),
+            tls: self.client.tls,
+            request_id: String::from_utf8_lossy(self.client.request_id.as_bytes()).into_owned(),
+            traceparent: String::from_utf8_lossy(self.client.traceparent.as_bytes()).into_owned(),
+            trace_started_here: self.client.trace_started_here,
         }
     }
 }
@@ -137,6 +147,16 @@ pub struct ExportedRequest {
     pub attempts: u32,
     pub replay_safe: bool,
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub client_ip: Option<String>,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub request_id: String,
+    #[serde(default)]
+    pub traceparent: String,
+    #[serde(default)]
+    pub trace_started_here: bool,
 }
 
 /// The store behind a queue. Implementations must be safe to push from many threads at once;
@@ -501,6 +521,7 @@ pub(crate) mod tests {
             method: http::Method::from_bytes(method.as_bytes()).expect("method"),
             target: Bytes::copy_from_slice(target.as_bytes()),
             headers: Bytes::from_static(b"host: example\r\nx-a: 1\r\n"),
+            client: Client::capture(&http::HeaderMap::new(), None, false),
             body: Bytes::from_static(b"body"),
             enqueued: Instant::now(),
             enqueued_unix_ms: 0,

@@ -1,16 +1,24 @@
-//! The cluster as the proxy sees it: nodes with their prebuilt peers and metric handles, the
-//! router over them, and the per-attempt work of `upstream_peer` and `upstream_request_filter`.
+//! The running state built from one config: the nodes with their prebuilt Pingora peers and
+//! metric handles, the router over them, and the values requests read on every attempt. Built
+//! once per (re)load and shared read-only; live traffic and the queue replay both record their
+//! attempts through [`Runtime::record_attempt`], so node scores, metrics and the error log
+//! learn from both alike.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
-use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{Config, Scheme, TlsConfig, Upstream, UpstreamHost};
+use crate::config::{Config, Scheme, Upstream};
+use crate::failure::Failure;
+use crate::logs::Logs;
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::routing::{Clock, Router, RouterSettings, SystemClock};
+use crate::routing::{Clock, Outcome, Router, RouterSettings, SystemClock};
+
+/// Where the runtime in force lives: requests load it once at their start, a reload swaps it.
+pub type RuntimeCell = Arc<ArcSwap<Runtime>>;
 
 /// One upstream node.
 pub struct Node {
@@ -23,22 +31,21 @@ pub struct Node {
 }
 
 /// Everything a request needs from the config, built once per (re)load and shared read-only.
-pub struct State {
+pub struct Runtime {
     pub config: Config,
     pub nodes: Vec<Node>,
     pub router: Router,
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Attempts per request (retries.max_attempts, 0 = one per node).
     pub attempts: usize,
-    pub keepalive_secs: u64,
+    /// Client keep-alive in whole seconds; `None`: off (close after each response).
+    pub keepalive_secs: Option<u64>,
     /// The router's clock, handed on to the router of the next reload.
     pub clock: Arc<dyn Clock>,
-    /// What the TLS listeners serve (read from `tls.cert`/`tls.key` at every load).
-    pub certificate: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
-impl State {
-    pub fn build(config: Config, metrics: &Metrics) -> std::result::Result<State, String> {
+impl Runtime {
+    pub fn build(config: Config, metrics: &Metrics) -> Result<Runtime, String> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         Self::build_with_clock(config, metrics, clock)
     }
@@ -47,8 +54,8 @@ impl State {
     pub fn build_carried(
         config: Config,
         metrics: &Metrics,
-        old: &State,
-    ) -> std::result::Result<State, String> {
+        old: &Runtime,
+    ) -> Result<Runtime, String> {
         let carry: Vec<Option<usize>> = config
             .upstreams
             .iter()
@@ -68,7 +75,7 @@ impl State {
         config: Config,
         metrics: &Metrics,
         clock: Arc<dyn Clock>,
-    ) -> std::result::Result<State, String> {
+    ) -> Result<Runtime, String> {
         Self::assemble(config, metrics, clock, Router::new)
     }
 
@@ -77,7 +84,7 @@ impl State {
         metrics: &Metrics,
         clock: Arc<dyn Clock>,
         router: impl FnOnce(&[u32], RouterSettings, Arc<dyn Clock>) -> Router,
-    ) -> std::result::Result<State, String> {
+    ) -> Result<Runtime, String> {
         let mut nodes = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             nodes.push(Node {
@@ -105,27 +112,9 @@ impl State {
                 .map_err(|e| format!("response header value {value:?}: {e}"))?;
             response_headers.push((name, value));
         }
-        let certificate = match &config.tls {
-            Some(TlsConfig {
-                cert: Some(cert),
-                key: Some(key),
-                ..
-            }) => Some(crate::tls::load_certified_key(cert, key)?),
-            _ => None,
-        };
-        let acme = config.tls.as_ref().and_then(|t| t.acme.as_ref());
-        if acme.is_some_and(|a| a.cache_dir.is_none()) {
-            return Err(
-                "tls.acme needs cache_dir (where the certificate and account are kept)".into(),
-            );
-        }
-        if certificate.is_none() && acme.is_none() && config.listen.iter().any(|l| l.tls) {
-            return Err("tls: a TLS listener needs tls.cert and tls.key, or tls.acme".into());
-        }
-        Ok(State {
-            certificate,
+        Ok(Runtime {
             attempts: config.attempts_per_request(),
-            keepalive_secs: config.timeouts.keepalive.as_secs().max(1),
+            keepalive_secs: Some(config.timeouts.keepalive.as_secs().max(1)),
             response_headers,
             router,
             nodes,
@@ -136,6 +125,41 @@ impl State {
 
     pub fn is_failure_status(&self, status: u16) -> bool {
         self.config.routing.failure_statuses.contains(&status)
+    }
+
+    /// Attempts one request may make: `retries.max_attempts` (0 = one per node), at most one
+    /// per node.
+    pub fn attempt_limit(&self) -> usize {
+        self.attempts.min(self.nodes.len())
+    }
+
+    /// Feeds one finished attempt (live or replayed) to the router, the metrics and the error
+    /// log.
+    pub fn record_attempt(
+        &self,
+        logs: &Logs,
+        node: usize,
+        result: Result<(), Failure>,
+        elapsed: Duration,
+    ) {
+        let Some(n) = self.nodes.get(node) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.router.finish(node, Outcome::Success, elapsed);
+                n.metrics.attempt_done(0, Some(elapsed.as_secs_f64()));
+            }
+            Err(failure) => {
+                self.router.finish(node, Outcome::Failure, elapsed);
+                // Only a failure status came with a response header to time.
+                let header_after =
+                    matches!(failure, Failure::Status(_)).then(|| elapsed.as_secs_f64());
+                n.metrics.attempt_done(failure.result_index(), header_after);
+                let (code, name) = failure.serviceq_code();
+                logs.error_line(&n.upstream.url, code, name);
+            }
+        }
     }
 }
 
@@ -150,7 +174,7 @@ fn host_port(u: &Upstream) -> String {
 /// How long an idle pooled upstream connection is kept.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
-fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, String> {
+fn peer_for(u: &Upstream, config: &Config) -> Result<HttpPeer, String> {
     let tls = u.scheme == Scheme::Https;
     // Plain-HTTP peers carry no SNI, so cloning the peer per attempt allocates less.
     let sni = match tls {
@@ -170,7 +194,7 @@ fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, Stri
         // Without `ca`, Pingora's connector trusts the system roots (rustls-native-certs:
         // /etc/ssl/certs, or SSL_CERT_FILE / SSL_CERT_DIR).
         if let Some(ca) = &u.ca {
-            let certs = crate::tls::load_upstream_ca(ca)
+            let certs = crate::certs::load_upstream_ca(ca)
                 .map_err(|e| format!("upstream {}: ca: {e}", u.url))?;
             o.ca = Some(certs);
         }
@@ -178,61 +202,3 @@ fn peer_for(u: &Upstream, config: &Config) -> std::result::Result<HttpPeer, Stri
     Ok(peer)
 }
 
-/// What the forwarding headers say about the client's side of the connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Downstream {
-    pub ip: Option<std::net::IpAddr>,
-    /// The client came in over a TLS listener (`X-Forwarded-Proto: https`).
-    pub tls: bool,
-}
-
-/// Request headers for one attempt: forwarding headers, request id, trace context, Host policy.
-/// `trace_started_here`: the traceparent is weir's own, so any client `tracestate` is dropped.
-pub fn prepare_request(
-    req: &mut RequestHeader,
-    node: &Node,
-    host_mode: UpstreamHost,
-    client: Downstream,
-    request_id: Option<&HeaderValue>,
-    traceparent: Option<&HeaderValue>,
-    trace_started_here: bool,
-) -> Result<()> {
-    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    if let Some(ip) = client.ip {
-        use std::io::Write;
-        let mut buf = smallvec::SmallVec::<[u8; 64]>::new();
-        if let Some(prev) = req.headers.get(&XFF).filter(|v| !v.is_empty()) {
-            buf.extend_from_slice(prev.as_bytes());
-            buf.extend_from_slice(b", ");
-        }
-        let _ = write!(buf, "{ip}");
-        let value = HeaderValue::from_bytes(&buf).map_err(|_| {
-            Error::explain(
-                pingora_error::ErrorType::InternalError,
-                "bad X-Forwarded-For",
-            )
-        })?;
-        req.insert_header(XFF, value)?;
-    }
-    req.insert_header(XFP, if client.tls { "https" } else { "http" })?;
-    if let Some(id) = request_id {
-        req.insert_header(
-            HeaderName::from_static(super::respond::X_REQUEST_ID),
-            id.clone(),
-        )?;
-    }
-    if let Some(tp) = traceparent {
-        req.insert_header(
-            HeaderName::from_static(super::trace::TRACEPARENT),
-            tp.clone(),
-        )?;
-        if trace_started_here {
-            req.remove_header(super::trace::TRACESTATE);
-        }
-    }
-    if host_mode == UpstreamHost::Rewrite {
-        req.insert_header(http::header::HOST, node.host_header.clone())?;
-    }
-    Ok(())
-}

@@ -1,0 +1,159 @@
+//! Per-request state, and the life of one attempt: started by `upstream_peer`, ended by the
+//! response header (ok or a failure status) or by an error, or released without a verdict
+//! when the node is not to blame (client gone, stale pooled connection).
+//!
+//! ```text
+//!            upstream_peer                 response header / error
+//!   Idle ───────────────────► InFlight ───────────────────────────► Ended { retry }
+//!    ▲                           │  released (not the node's fault)      │
+//!    └───────────────────────────┘                                       │ retry: Some(reason)
+//!                                 InFlight ◄─── upstream_peer ───────────┘ (counted, gap)
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::admission::Slot;
+use crate::failure::Failure;
+use crate::forward::Client;
+use crate::logs::Logs;
+use crate::metrics::{Outcome, RetryReason};
+use crate::runtime::Runtime;
+
+/// The attempt state of a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attempt {
+    /// No attempt yet, or the last one was released without a verdict.
+    Idle,
+    InFlight {
+        node: usize,
+        started: Instant,
+        /// The full body copy went upstream on this attempt.
+        copy_sent: bool,
+    },
+    /// The last attempt ended; `retry` is the decision taken then (and why), counted when the
+    /// next attempt starts.
+    Ended { retry: Option<RetryReason> },
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    /// The runtime this request started on, kept to its end (reloads never change it mid-way).
+    pub runtime: Arc<Runtime>,
+    pub started: Instant,
+    pub slot: Option<Slot>,
+    /// The client's side of the forwarding headers and the request's ids (set by
+    /// `request_filter`, before anything else can answer).
+    pub client: Option<Client>,
+    /// May be sent again after it reached a node: idempotent method or `Idempotency-Key`.
+    pub replay_safe: bool,
+    /// The deferred queue is on and the request matches its formats.
+    pub deferrable: bool,
+    /// weir's copy of the body, when it keeps one.
+    pub body: Option<Bytes>,
+    /// Part of the body went upstream without weir keeping a copy.
+    pub body_streamed: bool,
+    /// Nodes tried, in order.
+    pub tried: SmallVec<[usize; 4]>,
+    pub attempt: Attempt,
+    /// Attempts released because their pooled connection was stale.
+    pub stale_retries: u8,
+    /// The last failure a node caused, for the final answer.
+    pub last_failure: Option<Failure>,
+    /// Some attempt may have reached a node (anything but a connect failure).
+    pub maybe_sent: bool,
+    pub outcome: Outcome,
+}
+
+impl RequestCtx {
+    pub fn new(runtime: Arc<Runtime>) -> RequestCtx {
+        RequestCtx {
+            runtime,
+            started: Instant::now(),
+            slot: None,
+            client: None,
+            replay_safe: false,
+            deferrable: false,
+            body: None,
+            body_streamed: false,
+            tried: SmallVec::new(),
+            attempt: Attempt::Idle,
+            stale_retries: 0,
+            last_failure: None,
+            maybe_sent: false,
+            outcome: Outcome::Proxied,
+        }
+    }
+
+    /// The node of the attempt in flight.
+    pub fn node_in_flight(&self) -> Option<usize> {
+        match self.attempt {
+            Attempt::InFlight { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Starts an attempt on `node`.
+    pub fn start(&mut self, node: usize) {
+        self.runtime.router.start(node);
+        self.tried.push(node);
+        self.attempt = Attempt::InFlight {
+            node,
+            started: Instant::now(),
+            copy_sent: false,
+        };
+    }
+
+    /// Ends the attempt in flight with the node's verdict (`Err`: its failure) and records it
+    /// in the router, the metrics and the error log. The retry decision is set separately.
+    pub fn end(&mut self, logs: &Logs, result: Result<(), Failure>) {
+        let Attempt::InFlight { node, started, .. } = self.attempt else {
+            return;
+        };
+        self.attempt = Attempt::Ended { retry: None };
+        self.runtime
+            .record_attempt(logs, node, result, started.elapsed());
+        if let Err(failure) = result {
+            self.last_failure = Some(failure);
+            if !failure.nothing_sent() {
+                self.maybe_sent = true;
+            }
+        }
+    }
+
+    /// Releases the attempt in flight without a verdict: the node is not to blame.
+    pub fn release(&mut self) {
+        if let Attempt::InFlight { node, .. } = self.attempt {
+            self.runtime.router.cancel(node);
+            self.attempt = Attempt::Idle;
+        }
+    }
+
+    /// Releases a stale pooled connection's attempt: not the node's fault, and the node may be
+    /// picked again.
+    pub fn release_stale(&mut self, retry: Option<RetryReason>) {
+        self.release();
+        self.tried.pop();
+        self.stale_retries = self.stale_retries.saturating_add(1);
+        self.attempt = Attempt::Ended { retry };
+    }
+
+    /// Records the retry decision for the attempt that just ended.
+    pub fn decide(&mut self, retry: Option<RetryReason>) {
+        self.attempt = Attempt::Ended { retry };
+    }
+
+    /// The pending retry decision, taken by the next `upstream_peer`.
+    pub fn take_retry(&mut self) -> Option<RetryReason> {
+        match self.attempt {
+            Attempt::Ended { retry } => {
+                self.attempt = Attempt::Ended { retry: None };
+                retry
+            }
+            _ => None,
+        }
+    }
+}
