@@ -113,7 +113,7 @@ impl Gateway {
                     ctx.release_stale(Some(RetryReason::STALE_CONNECTION));
                     true
                 }
-                StaleVerdict::NodeFailure => self.node_failed(session, ctx, Failure::Reset),
+                StaleVerdict::NodeFailure(f) => self.node_failed(session, ctx, f),
             },
             AttemptError::Client | AttemptError::Internal => {
                 ctx.release();

@@ -27,8 +27,10 @@ pub const MAX_STALE_RETRIES: u8 = 8;
 pub enum StaleVerdict {
     /// Release the attempt (not the node's fault) and send the request again.
     Retry,
-    /// Count it as the node's reset: the request may have been seen and cannot be replayed.
-    NodeFailure,
+    /// Count it as the node's failure: a reset when the request may have been seen (and
+    /// cannot be replayed); when nothing was written but the stale budget is spent, a node
+    /// whose pool holds only dead connections is as good as refusing them.
+    NodeFailure(Failure),
 }
 
 /// The decision after the node's failure `f`: `Some(reason)` when another attempt may follow.
@@ -51,8 +53,10 @@ pub fn after_stale(session: &Session, ctx: &RequestCtx, unsent: bool) -> StaleVe
     let fits = ctx.stale_retries < MAX_STALE_RETRIES && !response_started(session);
     if fits && (unsent || replayable(session, ctx)) {
         StaleVerdict::Retry
+    } else if unsent {
+        StaleVerdict::NodeFailure(Failure::ConnectRefused)
     } else {
-        StaleVerdict::NodeFailure
+        StaleVerdict::NodeFailure(Failure::Reset)
     }
 }
 
