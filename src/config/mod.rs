@@ -4,6 +4,7 @@
 //! `sq.properties` (`properties.rs`). Everything downstream (proxy, routing, queues) reads only
 //! this typed form, never the files.
 
+pub mod formats;
 pub mod properties;
 pub mod units;
 pub mod yaml;
@@ -15,8 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::queue::formats::RequestFormats;
-pub use crate::routing::Algorithm;
+use formats::RequestFormats;
 
 /// Said when ACME is configured but no listener can answer its HTTP-01 challenge.
 pub const ACME_NEEDS_PLAIN_LISTENER: &str = "ACME validates with HTTP-01: the ACME server fetches http://DOMAIN/.well-known/acme-challenge/... on port 80, which needs a plain listener (`{addr: \"0.0.0.0:80\", tls: false}`); every listener here is TLS, so no certificate can be obtained (a cached one in cache_dir is still served)";
@@ -135,6 +135,17 @@ pub struct Upstream {
     pub ca: Option<PathBuf>,
     /// SNI for https upstreams; defaults to `host`.
     pub sni: Option<String>,
+}
+
+/// How the router picks a node (see `routing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Error feedback with latency and in-flight awareness.
+    #[default]
+    Feedback,
+    /// ServiceQ's exact formula.
+    Serviceq,
 }
 
 /// What `Host` header upstreams receive.

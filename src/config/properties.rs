@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::formats::RequestFormats;
 use super::yaml::{self, check_header, check_listen_addr, parse_upstream};
 use super::{AcmeConfig, ConfigError, ConfigWarning, Listener, Loaded, TlsConfig, Upstream};
-use crate::queue::formats::RequestFormats;
 
 /// Every key weir understands in sq.properties.
 const KEYS: &[&str] = &[

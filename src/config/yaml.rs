@@ -20,13 +20,13 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde_yaml::{Mapping, Value};
 
+use super::formats::{RequestFormat, RequestFormats};
 use super::units::{self, format_duration, format_size};
 use super::{
     AccessLog, AcmeConfig, Admin, Algorithm, Config, ConfigError, ConfigWarning, Limits, Listener,
     Loaded, LogConfig, QueueConfig, Retries, Routing, Scheme, ServerSettings, Timeouts, TlsConfig,
     Upstream, UpstreamHost,
 };
-use crate::queue::formats::{RequestFormat, RequestFormats};
 
 /// Where the proxy listens when the config does not say.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5252";
