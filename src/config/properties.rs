@@ -6,17 +6,21 @@
 //! keys. weir reports each of these as an error with its line number instead, so a file either
 //! means what it says or is refused.
 //!
-//! Keys not given take the native defaults ([`super::yaml::defaults`]); the mapping to native
-//! keys is the table in `interface.md`. Keys weir reads but does not act on yet produce a
-//! warning ([`not_supported_yet`]), not an error, so existing files keep loading.
+//! The reader starts from [`Config::default`] and sets the fields the file's keys map to (the
+//! table in `interface.md`), then runs [`Config::validate`] like the YAML reader; a finding is
+//! reported at the line of the sq.properties key that set the native key it names.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::formats::RequestFormats;
-use super::yaml::{self, check_header, check_listen_addr, parse_upstream};
-use super::{AcmeConfig, ConfigError, ConfigWarning, Listener, Loaded, TlsConfig, Upstream};
+use super::validate::{Finding, Key};
+use super::values::{check_listen_addr, parse_upstream};
+use super::{
+    AcmeConfig, Config, ConfigError, ConfigWarning, Listener, Loaded, TlsConfig, Upstream,
+    DEFAULT_RENEW_BEFORE,
+};
 
 /// Every key weir understands in sq.properties.
 const KEYS: &[&str] = &[
@@ -46,16 +50,6 @@ const KEYS: &[&str] = &[
 
 /// ServiceQ's default listener port.
 const DEFAULT_PORT: u16 = 5252;
-
-/// The warning for a `KEY=value` that weir accepts but cannot act on fully, if any.
-/// SSL_AUTO_ENABLE: the file's one listener is TLS, so ACME's HTTP-01 has no plain listener.
-pub fn not_supported_yet(key: &str, value: &str) -> Option<&'static str> {
-    let on = value.trim().eq_ignore_ascii_case("true");
-    match key {
-        "SSL_AUTO_ENABLE" if on => Some(super::ACME_NEEDS_PLAIN_LISTENER),
-        _ => None,
-    }
-}
 
 /// One `KEY=value` line.
 struct Entry<'a> {
@@ -120,6 +114,18 @@ impl<'a> Lines<'a> {
         Ok(Lines { path, entries })
     }
 
+    /// A validation finding in this file's terms: at the line of the first key that set it,
+    /// named by that key.
+    fn report(&self, finding: Finding) -> (Option<usize>, String) {
+        let set_by = origin(&finding.at)
+            .iter()
+            .find_map(|k| self.get(k).map(|e| (*k, e.line)));
+        match set_by {
+            Some((key, line)) => (Some(line), format!("{key}: {finding}")),
+            None => (None, finding.to_string()),
+        }
+    }
+
     fn get(&self, key: &str) -> Option<&Entry<'a>> {
         self.entries.get(key)
     }
@@ -173,59 +179,36 @@ fn non_empty(s: &str) -> Result<String, String> {
 
 /// `ENDPOINTS`: comma-separated upstream URLs.
 fn endpoints(s: &str) -> Result<Vec<Upstream>, String> {
-    let mut out: Vec<Upstream> = Vec::new();
-    for item in s.split(',') {
-        if item.trim().is_empty() {
-            return Err("an empty entry (two commas in a row, or a comma at an end)".to_string());
-        }
-        let u = parse_upstream(item)?;
-        if out.iter().any(|o| o.url == u.url) {
-            return Err(format!("upstream `{}` is listed twice", u.url));
-        }
-        out.push(u);
-    }
-    Ok(out)
+    s.split(',')
+        .map(|item| match item.trim() {
+            "" => Err("an empty entry (two commas in a row, or a comma at an end)".to_string()),
+            url => parse_upstream(url),
+        })
+        .collect()
 }
 
 /// `CUSTOM_RESPONSE_HEADERS`: `Name: value` entries separated by `|`; a bare `Server` means
-/// `Server: weir`.
+/// `Server: weir`. Names and values are checked by [`Config::validate`].
 fn response_headers(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out: Vec<(String, String)> = Vec::new();
     if s.is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    for item in s.split('|').map(str::trim) {
-        let (name, value) = match item.split_once(':') {
-            Some((n, v)) => (n.trim(), v.trim()),
-            None if item.eq_ignore_ascii_case("Server") => ("Server", "weir"),
+    s.split('|')
+        .map(str::trim)
+        .map(|item| match item.split_once(':') {
+            Some((n, v)) => Ok((n.trim().to_string(), v.trim().to_string())),
+            None if item.eq_ignore_ascii_case("Server") => Ok(("Server".into(), "weir".into())),
             None if item.is_empty() => {
-                return Err("an empty entry (two `|` in a row, or one at an end)".to_string())
+                Err("an empty entry (two `|` in a row, or one at an end)".to_string())
             }
-            None => return Err(format!("`{item}` is not `Name: value`")),
-        };
-        check_header(name, value)?;
-        if out.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            return Err(format!("header `{name}` is set twice"));
-        }
-        out.push((name.to_string(), value.to_string()));
-    }
-    Ok(out)
+            None => Err(format!("`{item}` is not `Name: value`")),
+        })
+        .collect()
 }
 
 /// Reads a ServiceQ `sq.properties` file. `path` is only used to label errors.
 pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let f = Lines::read(path, text)?;
-    let mut warnings = Vec::new();
-    for (key, e) in &f.entries {
-        if let Some(w) = not_supported_yet(key, e.value) {
-            warnings.push(ConfigWarning {
-                line: Some(e.line),
-                message: format!("{key}: {w}"),
-            });
-        }
-    }
-    warnings.sort_by_key(|w| w.line);
-
     let upstreams = f
         .value("ENDPOINTS", endpoints)?
         .ok_or_else(|| f.error(None, "no upstreams configured (ENDPOINTS is missing)"))?;
@@ -249,7 +232,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         f.error(line, format!("LISTENER_ADDR: {why}"))
     })?;
 
-    let mut c = yaml::defaults(vec![Listener { addr, tls: false }], upstreams);
+    let mut c = Config {
+        listen: vec![Listener { addr, tls: false }],
+        upstreams,
+        ..Config::default()
+    };
 
     f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
         "http" | "https" => Ok(()),
@@ -317,10 +304,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     for l in &mut c.listen {
         l.tls = c.tls.is_some();
     }
+    let warnings = c
+        .validate()
+        .map_err(|finding| {
+            let (line, message) = f.report(finding);
+            f.error(line, message)
+        })?
+        .into_iter()
+        .map(|finding| {
+            let (line, message) = f.report(finding);
+            ConfigWarning { line, message }
+        })
+        .collect();
     Ok(Loaded {
         config: c,
         warnings,
     })
+}
+
+/// The sq.properties keys that set a native key, most specific first.
+fn origin(at: &[Key]) -> &'static [&'static str] {
+    let name = |i: usize| match at.get(i) {
+        Some(Key::Name(n)) => n.as_str(),
+        _ => "",
+    };
+    match (name(0), name(1)) {
+        ("listen", _) => &["LISTENER_ADDR", "LISTENER_PORT"],
+        ("tls", "acme") => &["SSL_AUTO_ENABLE"],
+        ("tls", _) => &["SSL_ENABLE", "SSL_AUTO_ENABLE"],
+        ("upstreams", _) => &["ENDPOINTS"],
+        ("response_headers", _) => &["CUSTOM_RESPONSE_HEADERS"],
+        ("limits", "concurrency_peak") | ("deferred_queue", "capacity") => &["CONCURRENCY_PEAK"],
+        ("admin", _) => &["METRICS_LISTENER"],
+        _ => &[],
+    }
 }
 
 /// `SSL_ENABLE` (cert and key files) and `SSL_AUTO_*` (ACME) → `tls`. The other SSL keys are
@@ -376,12 +393,20 @@ fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
             let line = f.get("SSL_AUTO_ENABLE").map(|e| e.line);
             return Err(f.error(line, "SSL_AUTO_ENABLE=true needs SSL_AUTO_DOMAIN_NAMES"));
         }
+        if cache_dir.is_none() {
+            let line = f.get("SSL_AUTO_ENABLE").map(|e| e.line);
+            return Err(f.error(
+                line,
+                "SSL_AUTO_ENABLE=true needs SSL_AUTO_CERTIFICATE_DIR (where the account, \
+                 certificate and key are kept)",
+            ));
+        }
         tls.acme = Some(AcmeConfig {
             directory: None,
             email: email.flatten(),
             domains,
             cache_dir: cache_dir.map(PathBuf::from),
-            renew_before: renew.unwrap_or(yaml::DEFAULT_RENEW_BEFORE),
+            renew_before: renew.unwrap_or(DEFAULT_RENEW_BEFORE),
         });
     }
     Ok((manual || auto).then_some(tls))

@@ -1,6 +1,5 @@
 use super::*;
-use crate::config::yaml::to_yaml;
-use crate::config::{AccessLog, Config};
+use crate::config::AccessLog;
 
 fn load(text: &str) -> Result<Loaded, ConfigError> {
     parse(Path::new("sq.properties"), text)
@@ -130,7 +129,7 @@ fn a_realistic_file_maps_every_key() {
 #[test]
 fn a_converted_file_reads_back_as_the_same_config() {
     let c = config(REALISTIC);
-    let yaml = to_yaml(&c);
+    let yaml = c.to_yaml();
     let back = crate::config::yaml::parse(Path::new("converted.yaml"), &yaml)
         .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(back.config, c);
@@ -140,7 +139,11 @@ fn a_converted_file_reads_back_as_the_same_config() {
 fn only_endpoints_is_required_and_the_rest_defaults() {
     let c = config(ENDPOINTS);
     assert_eq!(c.listen[0].addr, "0.0.0.0:5252");
-    let mut d = yaml::defaults(c.listen.clone(), c.upstreams.clone());
+    let mut d = Config {
+        listen: c.listen.clone(),
+        upstreams: c.upstreams.clone(),
+        ..Config::default()
+    };
     // sq.properties' own default: absent formats mean ALL, for both queues.
     d.deferred_queue.formats = RequestFormats::all();
     d.upfront_queue.formats = RequestFormats::all();
@@ -351,7 +354,7 @@ fn warnings_come_only_from_keys_that_turn_something_on() {
     ));
     assert!(served.warnings.is_empty(), "{:?}", served.warnings);
     let loud = ok(&format!(
-        "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\n"
+        "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\nSSL_AUTO_CERTIFICATE_DIR=/acme\n"
     ));
     assert_eq!(loud.warnings.len(), 1, "{:?}", loud.warnings);
     assert_eq!(loud.warnings[0].line, Some(2));

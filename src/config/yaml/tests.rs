@@ -1,5 +1,12 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
 use super::*;
-use crate::config::DEFAULT_YAML;
+use crate::config::formats::RequestFormats;
+use crate::config::{
+    AccessLog, AcmeConfig, Algorithm, Listener, Scheme, TlsConfig, UpstreamHost, DEFAULT_LISTEN,
+    DEFAULT_RENEW_BEFORE, DEFAULT_YAML,
+};
 
 fn load(text: &str) -> Result<Config, ConfigError> {
     parse(Path::new("weir.yaml"), text).map(|l| l.config)
@@ -48,8 +55,12 @@ fn embedded_default_yaml_parses_to_the_documented_values() {
     assert_eq!(c.log.error_file, Some(PathBuf::from("logs/weir_error.log")));
     assert_eq!(c.response_headers, vec![("Server".into(), "weir".into())]);
     // Apart from listen, upstreams and the Server header, the file is the code's defaults.
-    let mut d = defaults(c.listen.clone(), c.upstreams.clone());
-    d.response_headers = c.response_headers.clone();
+    let d = Config {
+        listen: c.listen.clone(),
+        upstreams: c.upstreams.clone(),
+        response_headers: c.response_headers.clone(),
+        ..Config::default()
+    };
     assert_eq!(c, d);
 }
 
@@ -194,9 +205,10 @@ fn bad_upstreams_are_errors_at_their_line() {
             "at least 1",
         ),
         ("upstreams:\n  - weight: 2\n", 2, "missing field `url`"),
+        // At the second listing.
         (
             "upstreams:\n  - http://127.0.0.1:80\n  - http://127.0.0.1\n",
-            2,
+            3,
             "listed twice",
         ),
     ];
@@ -278,7 +290,7 @@ fn queues_read_every_field() {
     );
     assert_eq!(q.ttl, Duration::from_secs(3600));
     // The other queue keeps its defaults.
-    assert_eq!(c.deferred_queue, defaults(vec![], vec![]).deferred_queue);
+    assert_eq!(c.deferred_queue, QueueConfig::default());
 }
 
 #[test]
@@ -304,7 +316,7 @@ fn response_headers_keep_file_order_and_reject_duplicates() {
     assert_eq!(c.response_headers[2].1, "1");
     err_at(
         &format!("{MINIMAL}response_headers:\n  X-A: 1\n  x-a: 2\n"),
-        Some(3),
+        Some(4),
         &["set twice"],
     );
 }
@@ -355,7 +367,7 @@ fn tls_needs_a_cert_and_key_pair_or_acme() {
     err_at(&format!("{MINIMAL}tls: {{}}\n"), Some(2), &["cert", "acme"]);
     err_at(
         &format!("{MINIMAL}tls:\n  acme:\n    email: a@b.c\n"),
-        Some(4),
+        Some(3),
         &["domains"],
     );
     err_at(
@@ -378,7 +390,7 @@ fn a_yaml_syntax_error_reports_its_line() {
 #[test]
 fn to_yaml_reads_back_to_an_equal_config() {
     let mut c = ok(DEFAULT_YAML);
-    assert_eq!(ok(&to_yaml(&c)), c);
+    assert_eq!(ok(&c.to_yaml()), c);
 
     // Every non-default shape: lists, maps, offs, odd units.
     c.listen.push(Listener {
@@ -417,7 +429,7 @@ fn to_yaml_reads_back_to_an_equal_config() {
     c.admin.listen = None;
     c.log.access = AccessLog::File("/var/log/a.jsonl".into());
     c.log.error_file = None;
-    let text = to_yaml(&c);
+    let text = c.to_yaml();
     assert_eq!(ok(&text), c, "{text}");
 }
 
@@ -441,11 +453,11 @@ fn listeners_follow_the_tls_block_unless_they_say_otherwise() {
         .collect();
     assert_eq!(flags, [("127.0.0.1:80", false), ("127.0.0.1:443", true)]);
     // The written form reads back as the same listeners.
-    let back = ok(&to_yaml(&mixed));
+    let back = ok(&mixed.to_yaml());
     assert_eq!(back.listen, mixed.listen);
     err_at(
         "listen: [{addr: 127.0.0.1:443, tls: true}]\nupstreams: [http://127.0.0.1:9001]\n",
-        None,
+        Some(1),
         &["tls: true", "no `tls` block"],
     );
     err_at(
@@ -459,7 +471,7 @@ fn listeners_follow_the_tls_block_unless_they_say_otherwise() {
 fn acme_and_unverified_upstreams_are_warned() {
     let loaded = parse(
         Path::new("weir.yaml"),
-        "tls: {cert: /c.pem, key: /k.pem, acme: {domains: [a.example]}}\n\
+        "tls: {cert: /c.pem, key: /k.pem, acme: {domains: [a.example], cache_dir: /acme}}\n\
          upstreams: [{url: 'https://127.0.0.1:9443', tls_verify: false}]\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -467,4 +479,86 @@ fn acme_and_unverified_upstreams_are_warned() {
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert!(messages[0].contains("HTTP-01"), "{messages:?}");
     assert!(messages[1].contains("tls_verify: false"), "{messages:?}");
+}
+
+#[test]
+fn a_partial_upfront_queue_keeps_the_upfront_defaults() {
+    let c = ok(&format!(
+        "{MINIMAL}upfront_queue:\n  capacity: 10\ndeferred_queue:\n  capacity: 20\n"
+    ));
+    assert!(!c.upfront_queue.enabled);
+    assert_eq!(c.upfront_queue.formats, RequestFormats::none());
+    assert_eq!(c.upfront_queue.capacity, 10);
+    assert!(c.deferred_queue.enabled);
+    assert_eq!(
+        c.deferred_queue.formats.entries(),
+        ["POST", "PUT", "PATCH", "DELETE"]
+    );
+    assert_eq!(c.deferred_queue.capacity, 20);
+    let on = ok(&format!("{MINIMAL}upfront_queue: {{enabled: true}}\n"));
+    assert!(on.upfront_queue.enabled);
+    assert_eq!(on.upfront_queue.formats, RequestFormats::none());
+}
+
+#[test]
+fn rules_the_runtime_relies_on_are_checked_at_load() {
+    err_at(
+        &format!("{MINIMAL}tls:\n  acme:\n    domains: [a.example]\n"),
+        Some(3),
+        &["tls.acme.cache_dir", "required"],
+    );
+    err_at(
+        &format!("{MINIMAL}listen:\n  - 127.0.0.1:80\n  - {{addr: 127.0.0.1:443, tls: true}}\n"),
+        Some(4),
+        &["listen[1]", "no `tls` block"],
+    );
+    err_at(
+        &format!("{MINIMAL}response_headers:\n  X-Ok: fine\n  X-Bad: \"a\\u0007b\"\n"),
+        Some(4),
+        &["response_headers.X-Bad", "not a valid header value"],
+    );
+    // A host the URL parser would refuse, built by hand: the Host header rule still holds.
+    let mut c = ok(MINIMAL);
+    c.upstreams[0].host = "bad\nhost".into();
+    let f = c.validate().unwrap_err();
+    assert_eq!(f.path(), "upstreams[0]");
+    assert!(f.message.contains("not a valid Host header"), "{f}");
+}
+
+#[test]
+fn locate_finds_block_keys_list_items_and_falls_back_to_the_enclosing_key() {
+    let text = "\
+# comment
+listen: 127.0.0.1:1
+upstreams:
+- http://a:1
+-   url: http://b:1
+    weight: 2
+tls:
+  acme:
+    domains: [a]
+    \"cache_dir\": /x
+response_headers: {X-A: 1}
+";
+    let name = |n: &str| Key::Name(n.to_string());
+    assert_eq!(locate(text, &[name("listen"), Key::Index(0)]), Some(2));
+    assert_eq!(locate(text, &[name("upstreams"), Key::Index(1)]), Some(5));
+    assert_eq!(
+        locate(text, &[name("upstreams"), Key::Index(1), name("weight")]),
+        Some(6)
+    );
+    assert_eq!(locate(text, &[name("tls"), name("acme")]), Some(8));
+    assert_eq!(
+        locate(text, &[name("tls"), name("acme"), name("cache_dir")]),
+        Some(10)
+    );
+    assert_eq!(
+        locate(text, &[name("tls"), name("acme"), name("email")]),
+        Some(8)
+    );
+    assert_eq!(
+        locate(text, &[name("response_headers"), name("X-A")]),
+        Some(11)
+    );
+    assert_eq!(locate(text, &[name("admin")]), None);
 }
