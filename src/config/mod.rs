@@ -300,9 +300,10 @@ pub struct Timeouts {
     /// Per attempt; `None` = no timeout (sq.properties OUTGOING_REQUEST_TIMEOUT <= 0).
     #[serde(with = "units::duration_or_off")]
     pub request: Option<Duration>,
-    /// Client idle keep-alive.
-    #[serde(with = "units::duration")]
-    pub keepalive: Duration,
+    /// Client idle keep-alive, whole seconds; `None` (`off`, `0`) = keep-alive off, the
+    /// connection is closed after each response.
+    #[serde(with = "units::seconds_or_off")]
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -310,7 +311,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(1),
             request: Some(Duration::from_secs(5)),
-            keepalive: Duration::from_secs(120),
+            keepalive: Some(Duration::from_secs(120)),
         }
     }
 }
@@ -444,11 +445,11 @@ pub struct ServerSettings {
     pub threads: usize,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
-    /// After SIGTERM, keep accepting this long.
-    #[serde(with = "units::duration")]
+    /// After SIGTERM, keep accepting this long (whole seconds: Pingora counts seconds).
+    #[serde(with = "units::whole_seconds")]
     pub grace_period: Duration,
-    /// Then let in-flight requests finish this long.
-    #[serde(with = "units::duration")]
+    /// Then let in-flight requests finish this long (whole seconds).
+    #[serde(with = "units::whole_seconds")]
     pub graceful_shutdown_timeout: Duration,
 }
 

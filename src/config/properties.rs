@@ -258,8 +258,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     if let Some(gap) = f.value("RETRY_GAP", seconds)? {
         c.retries.gap = gap;
     }
-    if let Some(k) = f.value("KEEP_ALIVE_TIMEOUT", seconds)? {
-        c.timeouts.keepalive = k;
+    if let Some(k) = f.value("KEEP_ALIVE_TIMEOUT", integer)? {
+        // As OUTGOING_REQUEST_TIMEOUT: 0 or less turns it off.
+        c.timeouts.keepalive = u64::try_from(k)
+            .ok()
+            .filter(|k| *k > 0)
+            .map(Duration::from_secs);
     }
     if let Some(on) = f.value("ENABLE_DEFERRED_Q", boolean)? {
         c.deferred_queue.enabled = on;

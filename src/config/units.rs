@@ -202,6 +202,48 @@ pub mod duration_or_off {
     }
 }
 
+/// A duration in whole seconds (`0s` allowed), for settings that are counted in seconds where
+/// they are used: a sub-second part would be silently dropped, so it is an error.
+pub mod whole_seconds {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Scalar::new("a duration in whole seconds such as 5s", parse).read(d)
+    }
+
+    pub use super::duration::serialize;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let d = parse_duration(s)?;
+        if d.subsec_nanos() != 0 {
+            return Err(format!(
+                "`{}`: whole seconds only (Pingora counts it in seconds)",
+                s.trim()
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// Whole seconds, or `0`/`0s`/`off` (also `~`) for none; printed as `off`.
+pub mod seconds_or_off {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Scalar::new(
+            "a duration in whole seconds such as 60s, or off",
+            |s| match s.trim() {
+                "off" => Ok(None),
+                t => whole_seconds::parse(t).map(|d| Some(d).filter(|d| !d.is_zero())),
+            },
+        )
+        .null_as("off")
+        .read(d)
+    }
+
+    pub use super::duration_or_off::serialize;
+}
+
 /// A size in bytes, printed in its shortest exact form.
 pub mod size {
     use super::*;

@@ -473,7 +473,7 @@ impl ProxyHttp for Gateway {
                 ctx.trace_started_here = true;
             }
         }
-        session.set_keepalive(Some(ctx.state.keepalive_secs));
+        session.set_keepalive(ctx.state.keepalive_secs);
         // ACME HTTP-01 validation requests are weir's own, ahead of admission.
         if session
             .req_header()

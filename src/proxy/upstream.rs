@@ -30,7 +30,7 @@ pub struct State {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Attempts per request (retries.max_attempts, 0 = one per node).
     pub attempts: usize,
-    pub keepalive_secs: u64,
+    pub keepalive_secs: Option<u64>,
     /// The router's clock, handed on to the router of the next reload.
     pub clock: Arc<dyn Clock>,
     /// What the TLS listeners serve (read from `tls.cert`/`tls.key` at every load).
@@ -125,7 +125,7 @@ impl State {
         Ok(State {
             certificate,
             attempts: config.attempts_per_request(),
-            keepalive_secs: config.timeouts.keepalive.as_secs().max(1),
+            keepalive_secs: config.timeouts.keepalive.map(|d| d.as_secs()),
             response_headers,
             router,
             nodes,

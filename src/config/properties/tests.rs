@@ -82,7 +82,7 @@ fn a_realistic_file_maps_every_key() {
     assert_eq!(c.deferred_queue.capacity, 512);
     assert_eq!(c.timeouts.request, Some(Duration::from_secs(3)));
     assert_eq!(c.retries.gap, Duration::from_secs(1));
-    assert_eq!(c.timeouts.keepalive, Duration::from_secs(30));
+    assert_eq!(c.timeouts.keepalive, Some(Duration::from_secs(30)));
     assert!(c.deferred_queue.enabled);
     assert!(!c.upfront_queue.enabled);
     for q in [&c.deferred_queue, &c.upfront_queue] {
@@ -257,7 +257,6 @@ fn out_of_range_values_are_errors() {
     for (line, needle) in [
         ("CONCURRENCY_PEAK=0", "at least 1"),
         ("RETRY_GAP=-1", "negative"),
-        ("KEEP_ALIVE_TIMEOUT=-5", "negative"),
         ("ENABLE_DEFERRED_Q=yes", "true or false"),
         ("PROTO=ftp", "http or https"),
         ("METRICS_LISTENER=9100", "host:port"),
@@ -306,6 +305,14 @@ fn request_timeout_of_zero_or_less_means_none() {
     for t in ["0", "-1"] {
         let c = config(&format!("{ENDPOINTS}OUTGOING_REQUEST_TIMEOUT={t}\n"));
         assert_eq!(c.timeouts.request, None, "{t}");
+    }
+}
+
+#[test]
+fn keep_alive_timeout_of_zero_or_less_turns_keep_alive_off() {
+    for t in ["0", "-5"] {
+        let c = config(&format!("{ENDPOINTS}KEEP_ALIVE_TIMEOUT={t}\n"));
+        assert_eq!(c.timeouts.keepalive, None, "{t}");
     }
 }
 

@@ -79,7 +79,7 @@ fn a_minimal_file_takes_every_default() {
     assert_eq!(c.listen[0].addr, DEFAULT_LISTEN);
     assert_eq!(c.timeouts.connect, Duration::from_secs(1));
     assert_eq!(c.timeouts.request, Some(Duration::from_secs(5)));
-    assert_eq!(c.timeouts.keepalive, Duration::from_secs(120));
+    assert_eq!(c.timeouts.keepalive, Some(Duration::from_secs(120)));
     assert_eq!(c.routing.failure_statuses, vec![502, 503, 504]);
     assert_eq!(c.routing.decay_half_life, Duration::from_secs(10));
     assert_eq!(c.limits.concurrency_peak, 2048);
@@ -561,4 +561,43 @@ response_headers: {X-A: 1}
         Some(11)
     );
     assert_eq!(locate(text, &[name("admin")]), None);
+}
+
+#[test]
+fn pingora_second_settings_take_whole_seconds_only() {
+    let c = ok(&format!(
+        "{MINIMAL}server:\n  grace_period: 0s\n  graceful_shutdown_timeout: 2m\n"
+    ));
+    assert_eq!(c.server.grace_period, Duration::ZERO);
+    assert_eq!(c.server.graceful_shutdown_timeout, Duration::from_secs(120));
+    for key in ["grace_period", "graceful_shutdown_timeout"] {
+        err_at(
+            &format!("{MINIMAL}server:\n  threads: 1\n  {key}: 1500ms\n"),
+            Some(4),
+            &[
+                &format!("server.{key}"),
+                "`1500ms`: whole seconds only (Pingora counts it in seconds)",
+            ],
+        );
+    }
+}
+
+#[test]
+fn keepalive_zero_or_off_turns_keep_alive_off_and_takes_whole_seconds() {
+    for off in ["0", "0s", "off", "~"] {
+        let c = ok(&format!("{MINIMAL}timeouts:\n  keepalive: {off}\n"));
+        assert_eq!(c.timeouts.keepalive, None, "{off}");
+    }
+    let c = ok(&format!("{MINIMAL}timeouts:\n  keepalive: 1m\n"));
+    assert_eq!(c.timeouts.keepalive, Some(Duration::from_secs(60)));
+    err_at(
+        &format!("{MINIMAL}timeouts:\n  keepalive: 500ms\n"),
+        Some(3),
+        &["timeouts.keepalive", "whole seconds only"],
+    );
+    // Printed as `off`, which reads back as off.
+    let mut c = ok(MINIMAL);
+    c.timeouts.keepalive = None;
+    assert!(c.to_yaml().contains("keepalive: off"), "{}", c.to_yaml());
+    assert_eq!(ok(&c.to_yaml()), c);
 }
