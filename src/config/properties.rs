@@ -238,10 +238,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         ..Config::default()
     };
 
-    f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
-        "http" | "https" => Ok(()),
-        _ => Err(format!("`{s}` is not http or https")),
-    })?;
     if let Some(peak) = f.value("CONCURRENCY_PEAK", |s| match integer(s)? {
         n if n >= 1 => usize::try_from(n).map_err(|_| format!("`{s}` is too large")),
         _ => Err(format!("`{s}` must be at least 1")),
@@ -303,12 +299,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     })? {
         c.admin.listen = admin;
     }
-    c.tls = tls(&f)?;
-    // ServiceQ has one listener: SSL_ENABLE (or SSL_AUTO_ENABLE) makes it TLS.
+    let mut warnings = Vec::new();
+    c.tls = tls(&f, &mut warnings)?;
+    // ServiceQ has one listener: PROTO=https, SSL_ENABLE or SSL_AUTO_ENABLE makes it TLS.
     for l in &mut c.listen {
         l.tls = c.tls.is_some();
     }
-    let warnings = c
+    let found = c
         .validate()
         .map_err(|finding| {
             let (line, message) = f.report(finding);
@@ -318,8 +315,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         .map(|finding| {
             let (line, message) = f.report(finding);
             ConfigWarning { line, message }
-        })
-        .collect();
+        });
+    warnings.extend(found);
+    warnings.sort_by_key(|w| w.line);
     Ok(Loaded {
         config: c,
         warnings,
@@ -344,10 +342,17 @@ fn origin(at: &[Key]) -> &'static [&'static str] {
     }
 }
 
-/// `SSL_ENABLE` (cert and key files) and `SSL_AUTO_*` (ACME) → `tls`. The other SSL keys are
-/// checked even when TLS is off, so a typo does not wait for the day it is turned on.
-fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
-    let manual = f.value("SSL_ENABLE", boolean)?.unwrap_or(false);
+/// `PROTO`, `SSL_ENABLE` (cert and key files) and `SSL_AUTO_*` (ACME) → `tls`. The listener
+/// is TLS when any of PROTO=https, SSL_ENABLE=true or SSL_AUTO_ENABLE=true says so; a PROTO
+/// that says otherwise is warned. The SSL keys are checked even when TLS is off, so a typo
+/// does not wait for the day it is turned on.
+fn tls(f: &Lines, warnings: &mut Vec<ConfigWarning>) -> Result<Option<TlsConfig>, ConfigError> {
+    let https = f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
+        "http" => Ok(false),
+        "https" => Ok(true),
+        _ => Err(format!("`{s}` is not http or https")),
+    })?;
+    let manual = f.value("SSL_ENABLE", boolean)?;
     let cert = f
         .value("SSL_CERTIFICATE_FILE", non_empty)?
         .map(PathBuf::from);
@@ -370,37 +375,50 @@ fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
         n if n >= 1 => Ok(Duration::from_secs(n.unsigned_abs().saturating_mul(86_400))),
         _ => Err(format!("`{s}` must be at least 1 (days)")),
     })?;
+    let line = |key: &str| f.get(key).map(|e| e.line);
+    let proto_line = line("PROTO");
 
-    let mut tls = TlsConfig {
-        cert: None,
-        key: None,
-        acme: None,
-    };
-    if manual {
-        let line = f.get("SSL_ENABLE").map(|e| e.line);
+    // Who asks for the cert and key files: SSL_ENABLE=true, or PROTO=https without ACME (or
+    // with ACME and the files given, served until ACME has a certificate).
+    let by_ssl_enable = manual == Some(true);
+    let by_proto = https == Some(true) && (!auto || cert.is_some() || key.is_some());
+    let mut tls = TlsConfig::default();
+    if by_ssl_enable || by_proto {
+        let (asker, at) = match by_ssl_enable {
+            true => ("SSL_ENABLE=true", line("SSL_ENABLE")),
+            false => ("PROTO=https", proto_line),
+        };
         match (cert, key) {
             (Some(cert), Some(key)) => {
                 tls.cert = Some(cert);
                 tls.key = Some(key);
             }
+            (None, None) if !by_ssl_enable => {
+                return Err(f.error(
+                    at,
+                    "PROTO=https needs SSL_CERTIFICATE_FILE and SSL_PRIVATE_KEY_FILE, \
+                     or SSL_AUTO_ENABLE=true (ACME)",
+                ));
+            }
             (None, _) => {
-                return Err(f.error(line, "SSL_ENABLE=true needs SSL_CERTIFICATE_FILE"));
+                return Err(f.error(at, format!("{asker} needs SSL_CERTIFICATE_FILE")));
             }
             (_, None) => {
-                return Err(f.error(line, "SSL_ENABLE=true needs SSL_PRIVATE_KEY_FILE"));
+                return Err(f.error(at, format!("{asker} needs SSL_PRIVATE_KEY_FILE")));
             }
         }
     }
     if auto {
         let domains = domains.unwrap_or_default();
         if domains.is_empty() {
-            let line = f.get("SSL_AUTO_ENABLE").map(|e| e.line);
-            return Err(f.error(line, "SSL_AUTO_ENABLE=true needs SSL_AUTO_DOMAIN_NAMES"));
+            return Err(f.error(
+                line("SSL_AUTO_ENABLE"),
+                "SSL_AUTO_ENABLE=true needs SSL_AUTO_DOMAIN_NAMES",
+            ));
         }
         if cache_dir.is_none() {
-            let line = f.get("SSL_AUTO_ENABLE").map(|e| e.line);
             return Err(f.error(
-                line,
+                line("SSL_AUTO_ENABLE"),
                 "SSL_AUTO_ENABLE=true needs SSL_AUTO_CERTIFICATE_DIR (where the account, \
                  certificate and key are kept)",
             ));
@@ -413,7 +431,26 @@ fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
             renew_before: renew.unwrap_or(DEFAULT_RENEW_BEFORE),
         });
     }
-    Ok((manual || auto).then_some(tls))
+    let on = by_ssl_enable || by_proto || auto;
+    // PROTO disagreeing with the SSL keys: the listener is TLS, as the key that says so.
+    let disagreeing = match https {
+        Some(false) if by_ssl_enable => Some(("SSL_ENABLE", "PROTO=https")),
+        Some(false) if auto => Some(("SSL_AUTO_ENABLE", "PROTO=https")),
+        Some(true) if manual == Some(false) => Some(("SSL_ENABLE", "SSL_ENABLE=true")),
+        _ => None,
+    };
+    if let (Some((other, fix)), Some(at)) = (disagreeing, proto_line) {
+        let proto = f.get("PROTO").map_or("", |e| e.value);
+        let (other_value, other_line) = f.get(other).map_or(("", 0), |e| (e.value, e.line));
+        warnings.push(ConfigWarning {
+            line: Some(at),
+            message: format!(
+                "PROTO={proto} (line {at}) and {other}={other_value} (line {other_line}) \
+                 disagree: the listener is TLS; write {fix}"
+            ),
+        });
+    }
+    Ok(on.then_some(tls))
 }
 
 #[cfg(test)]

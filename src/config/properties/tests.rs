@@ -33,7 +33,7 @@ const ENDPOINTS: &str = "ENDPOINTS=http://127.0.0.1:9001\n";
 const REALISTIC: &str = "\
 # ServiceQ config
 LISTENER_PORT=8080
-PROTO=http
+PROTO=https
 ENDPOINTS=http://127.0.0.1:8001,http://localhost,https://127.0.0.1:8443
 
 CONCURRENCY_PEAK=512
@@ -306,6 +306,75 @@ fn request_timeout_of_zero_or_less_means_none() {
         let c = config(&format!("{ENDPOINTS}OUTGOING_REQUEST_TIMEOUT={t}\n"));
         assert_eq!(c.timeouts.request, None, "{t}");
     }
+}
+
+#[test]
+fn proto_https_makes_the_listener_tls_and_needs_a_certificate() {
+    let c = config(&format!(
+        "{ENDPOINTS}PROTO=https\nSSL_CERTIFICATE_FILE=/c.pem\nSSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(c.listen[0].tls);
+    let tls = c.tls.unwrap_or_default();
+    assert_eq!(
+        (tls.cert, tls.key),
+        (Some("/c.pem".into()), Some("/k.pem".into()))
+    );
+    let acme = config(&format!(
+        "{ENDPOINTS}PROTO=https\nSSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\n\
+         SSL_AUTO_CERTIFICATE_DIR=/acme\n"
+    ));
+    assert!(acme.listen[0].tls);
+    assert!(acme
+        .tls
+        .is_some_and(|t| t.acme.is_some() && t.cert.is_none()));
+    err_at(
+        &format!("{ENDPOINTS}PROTO=https\n"),
+        Some(2),
+        &[
+            "PROTO=https needs SSL_CERTIFICATE_FILE and SSL_PRIVATE_KEY_FILE",
+            "SSL_AUTO_ENABLE",
+        ],
+    );
+    err_at(
+        &format!("{ENDPOINTS}SSL_CERTIFICATE_FILE=/c.pem\nPROTO=https\n"),
+        Some(3),
+        &["PROTO=https needs SSL_PRIVATE_KEY_FILE"],
+    );
+    let plain = config(&format!("{ENDPOINTS}PROTO=http\n"));
+    assert!(!plain.listen[0].tls && plain.tls.is_none());
+}
+
+#[test]
+fn proto_disagreeing_with_the_ssl_keys_is_warned_naming_both_lines() {
+    let loaded = ok(&format!(
+        "{ENDPOINTS}PROTO=http\nSSL_ENABLE=true\nSSL_CERTIFICATE_FILE=/c.pem\n\
+         SSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(loaded.config.listen[0].tls, "TLS, as SSL_ENABLE says");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let w = &loaded.warnings[0];
+    assert_eq!(w.line, Some(2));
+    for needle in [
+        "PROTO=http (line 2)",
+        "SSL_ENABLE=true (line 3)",
+        "the listener is TLS",
+    ] {
+        assert!(
+            w.message.contains(needle),
+            "`{needle}` not in: {}",
+            w.message
+        );
+    }
+    let loaded = ok(&format!(
+        "{ENDPOINTS}SSL_ENABLE=false\nPROTO=https\nSSL_CERTIFICATE_FILE=/c.pem\n\
+         SSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(loaded.config.listen[0].tls, "TLS, as PROTO says");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert_eq!(loaded.warnings[0].line, Some(3));
+    assert!(loaded.warnings[0]
+        .message
+        .contains("PROTO=https (line 3) and SSL_ENABLE=false (line 2)"));
 }
 
 #[test]
