@@ -327,6 +327,11 @@ pub struct Limits {
     pub max_buffered_body: usize,
 }
 
+impl Limits {
+    /// The largest `max_buffered_body`: each request may hold a body this size in memory.
+    pub const MAX_BUFFERED_BODY: usize = 1 << 30;
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -380,6 +385,10 @@ impl Default for QueueConfig {
 }
 
 impl QueueConfig {
+    /// The most entries a queue may hold: its slots are allocated when weir starts (a capacity
+    /// of 10^8 asked for 18 GB and aborted the process; 10^6 is about 180 MB).
+    pub const MAX_CAPACITY: usize = 1_000_000;
+
     /// The upfront queue's defaults: off, and no request matches.
     pub fn upfront() -> Self {
         QueueConfig {

@@ -18,8 +18,8 @@ use super::formats::RequestFormats;
 use super::validate::{Finding, Key};
 use super::values::{check_listen_addr, parse_upstream};
 use super::{
-    AcmeConfig, Config, ConfigError, ConfigWarning, Listener, Loaded, TlsConfig, Upstream,
-    DEFAULT_RENEW_BEFORE,
+    AcmeConfig, Config, ConfigError, ConfigWarning, Listener, Loaded, QueueConfig, TlsConfig,
+    Upstream, DEFAULT_RENEW_BEFORE,
 };
 
 /// Every key weir understands in sq.properties.
@@ -238,12 +238,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         ..Config::default()
     };
 
+    let mut capped_peak = None;
     if let Some(peak) = f.value("CONCURRENCY_PEAK", |s| match integer(s)? {
         n if n >= 1 => usize::try_from(n).map_err(|_| format!("`{s}` is too large")),
         _ => Err(format!("`{s}` must be at least 1")),
     })? {
         c.limits.concurrency_peak = peak;
-        c.deferred_queue.capacity = peak;
+        // ServiceQ's buffer is as large as its peak; weir's queue has a ceiling.
+        c.deferred_queue.capacity = peak.min(QueueConfig::MAX_CAPACITY);
+        if peak > QueueConfig::MAX_CAPACITY {
+            capped_peak = f.get("CONCURRENCY_PEAK").map(|e| e.line);
+        }
     }
     if let Some(t) = f.value("OUTGOING_REQUEST_TIMEOUT", integer)? {
         c.timeouts.request = u64::try_from(t)
@@ -300,6 +305,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         c.admin.listen = admin;
     }
     let mut warnings = Vec::new();
+    if let Some(line) = capped_peak {
+        warnings.push(ConfigWarning {
+            line: Some(line),
+            message: format!(
+                "CONCURRENCY_PEAK={} also sizes the deferred queue, which holds at most {} \
+                 entries: deferred_queue.capacity is {}",
+                c.limits.concurrency_peak,
+                QueueConfig::MAX_CAPACITY,
+                QueueConfig::MAX_CAPACITY
+            ),
+        });
+    }
     c.tls = tls(&f, &mut warnings)?;
     // ServiceQ has one listener: PROTO=https, SSL_ENABLE or SSL_AUTO_ENABLE makes it TLS.
     for l in &mut c.listen {

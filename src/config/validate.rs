@@ -8,8 +8,9 @@
 
 use std::fmt;
 
+use super::units::format_size;
 use super::values::{check_header, host_port};
-use super::{Config, Scheme, ACME_NEEDS_PLAIN_LISTENER};
+use super::{Config, Limits, QueueConfig, Scheme, ACME_NEEDS_PLAIN_LISTENER};
 
 /// One step of a key path: a map key or a list index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +73,41 @@ impl Config {
         self.check_tls(&mut warnings)?;
         self.check_upstreams(&mut warnings)?;
         self.check_response_headers()?;
+        self.check_bounds()?;
         Ok(warnings)
+    }
+
+    /// Values that would make weir allocate more than a machine has.
+    fn check_bounds(&self) -> Result<(), Finding> {
+        for (name, q) in [
+            ("deferred_queue", &self.deferred_queue),
+            ("upfront_queue", &self.upfront_queue),
+        ] {
+            if q.capacity > QueueConfig::MAX_CAPACITY {
+                return Err(Finding::new(
+                    at!(name, "capacity"),
+                    format!(
+                        "{} is more than the maximum of {} entries (a queue's slots are \
+                         allocated at start, even when it is off)",
+                        q.capacity,
+                        QueueConfig::MAX_CAPACITY
+                    ),
+                ));
+            }
+        }
+        let body = self.limits.max_buffered_body;
+        if body > Limits::MAX_BUFFERED_BODY {
+            return Err(Finding::new(
+                at!("limits", "max_buffered_body"),
+                format!(
+                    "{} is more than the maximum of {} (every request in flight may hold a \
+                     body this size in memory)",
+                    format_size(body),
+                    format_size(Limits::MAX_BUFFERED_BODY)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_listeners(&self, warnings: &mut Vec<Finding>) -> Result<(), Finding> {

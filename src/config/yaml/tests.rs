@@ -601,3 +601,29 @@ fn keepalive_zero_or_off_turns_keep_alive_off_and_takes_whole_seconds() {
     assert!(c.to_yaml().contains("keepalive: off"), "{}", c.to_yaml());
     assert_eq!(ok(&c.to_yaml()), c);
 }
+
+#[test]
+fn sizes_that_would_exhaust_memory_are_refused_at_their_line() {
+    for q in ["deferred_queue", "upfront_queue"] {
+        err_at(
+            &format!("{MINIMAL}{q}:\n  enabled: false\n  capacity: 100000000\n"),
+            Some(4),
+            &[
+                &format!("{q}.capacity"),
+                "100000000 is more than the maximum of 1000000 entries",
+            ],
+        );
+    }
+    let c = ok(&format!("{MINIMAL}deferred_queue: {{capacity: 1000000}}\n"));
+    assert_eq!(c.deferred_queue.capacity, QueueConfig::MAX_CAPACITY);
+    err_at(
+        &format!("{MINIMAL}limits:\n  max_buffered_body: 10GiB\n"),
+        Some(3),
+        &[
+            "limits.max_buffered_body",
+            "10GiB is more than the maximum of 1GiB",
+        ],
+    );
+    let c = ok(&format!("{MINIMAL}limits: {{max_buffered_body: 1GiB}}\n"));
+    assert_eq!(c.limits.max_buffered_body, 1 << 30);
+}
