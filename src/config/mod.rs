@@ -423,6 +423,16 @@ pub enum AccessLog {
     File(PathBuf),
 }
 
+/// Where the ServiceQ-style error lines go: `stderr` (the default, collected by systemd and
+/// container runtimes), `off`, or a file path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ErrorLog {
+    #[default]
+    Stderr,
+    Off,
+    File(PathBuf),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a map of log settings")]
 pub struct LogConfig {
@@ -431,9 +441,9 @@ pub struct LogConfig {
     pub level: String,
     /// JSON lines, one per request.
     pub access: AccessLog,
-    /// ServiceQ-style error lines; `None` = off.
-    #[serde(with = "values::path_or_off")]
-    pub error_file: Option<PathBuf>,
+    /// ServiceQ-style error lines (the file key keeps ServiceQ's name).
+    #[serde(rename = "error_file")]
+    pub error_log: ErrorLog,
 }
 
 impl Default for LogConfig {
@@ -441,7 +451,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_string(),
             access: AccessLog::Stdout,
-            error_file: Some(PathBuf::from("logs/weir_error.log")),
+            error_log: ErrorLog::Stderr,
         }
     }
 }

@@ -21,7 +21,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Unexp
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::{AccessLog, Algorithm, Listener, Scheme, Upstream, UpstreamHost};
+use super::{AccessLog, Algorithm, ErrorLog, Listener, Scheme, Upstream, UpstreamHost};
 
 // === the scalar reader ===
 
@@ -287,24 +287,25 @@ impl Serialize for AccessLog {
     }
 }
 
-/// A file path, or `off` (also `~`) for none.
-pub mod path_or_off {
-    use super::*;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
-        Scalar::new("a file path or off", |s| match s.trim() {
-            "off" => Ok(None),
-            "" => Err("expected a file path or off".to_string()),
-            p => Ok(Some(PathBuf::from(p))),
+impl<'de> Deserialize<'de> for ErrorLog {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Scalar::new("stderr, off or a file path", |s| match s.trim() {
+            "stderr" => Ok(ErrorLog::Stderr),
+            "off" => Ok(ErrorLog::Off),
+            "" => Err("the error log needs stderr, off or a file path".to_string()),
+            p => Ok(ErrorLog::File(PathBuf::from(p))),
         })
         .null_as("off")
         .read(d)
     }
+}
 
-    pub fn serialize<S: Serializer>(v: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(p) => p.serialize(s),
-            None => s.serialize_str("off"),
+impl Serialize for ErrorLog {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ErrorLog::Stderr => s.serialize_str("stderr"),
+            ErrorLog::Off => s.serialize_str("off"),
+            ErrorLog::File(p) => p.serialize(s),
         }
     }
 }

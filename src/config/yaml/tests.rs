@@ -4,8 +4,8 @@ use std::time::Duration;
 use super::*;
 use crate::config::formats::RequestFormats;
 use crate::config::{
-    AccessLog, AcmeConfig, Algorithm, Listener, Scheme, TlsConfig, UpstreamHost, DEFAULT_LISTEN,
-    DEFAULT_RENEW_BEFORE, DEFAULT_YAML,
+    AccessLog, AcmeConfig, Algorithm, ErrorLog, Listener, Scheme, TlsConfig, UpstreamHost,
+    DEFAULT_LISTEN, DEFAULT_RENEW_BEFORE, DEFAULT_YAML,
 };
 
 fn load(text: &str) -> Result<Config, ConfigError> {
@@ -52,7 +52,7 @@ fn embedded_default_yaml_parses_to_the_documented_values() {
         ]
     );
     assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:9100"));
-    assert_eq!(c.log.error_file, Some(PathBuf::from("logs/weir_error.log")));
+    assert_eq!(c.log.error_log, ErrorLog::Stderr);
     // The Server header there is a commented example: no header is added by default.
     assert!(c.response_headers.is_empty());
     // Apart from listen and upstreams, the file is the code's defaults.
@@ -328,7 +328,7 @@ fn admin_and_logs_can_be_turned_off() {
     ));
     assert_eq!(c.admin.listen, None);
     assert_eq!(c.log.access, AccessLog::Off);
-    assert_eq!(c.log.error_file, None);
+    assert_eq!(c.log.error_log, ErrorLog::Off);
     assert_eq!(c.log.level, "debug");
     let c = ok(&format!(
         "{MINIMAL}admin:\n  listen: ~\nlog:\n  access: /var/log/weir.jsonl\n"
@@ -428,7 +428,7 @@ fn to_yaml_reads_back_to_an_equal_config() {
     ];
     c.admin.listen = None;
     c.log.access = AccessLog::File("/var/log/a.jsonl".into());
-    c.log.error_file = None;
+    c.log.error_log = ErrorLog::File("/var/log/weir.err".into());
     let text = c.to_yaml();
     assert_eq!(ok(&text), c, "{text}");
 }
@@ -626,4 +626,31 @@ fn sizes_that_would_exhaust_memory_are_refused_at_their_line() {
     );
     let c = ok(&format!("{MINIMAL}limits: {{max_buffered_body: 1GiB}}\n"));
     assert_eq!(c.limits.max_buffered_body, 1 << 30);
+}
+
+#[test]
+fn the_error_log_goes_to_stderr_unless_told_otherwise() {
+    assert_eq!(ok(MINIMAL).log.error_log, ErrorLog::Stderr);
+    for (value, want) in [
+        ("stderr", ErrorLog::Stderr),
+        ("off", ErrorLog::Off),
+        ("~", ErrorLog::Off),
+        (
+            "/var/log/weir.err",
+            ErrorLog::File("/var/log/weir.err".into()),
+        ),
+        (
+            "logs/weir_error.log",
+            ErrorLog::File("logs/weir_error.log".into()),
+        ),
+    ] {
+        let c = ok(&format!("{MINIMAL}log:\n  error_file: {value}\n"));
+        assert_eq!(c.log.error_log, want, "{value}");
+        assert_eq!(ok(&c.to_yaml()), c, "{value} reads back");
+    }
+    err_at(
+        &format!("{MINIMAL}log:\n  error_file: \"\"\n"),
+        Some(3),
+        &["log.error_file", "stderr, off or a file path"],
+    );
 }
