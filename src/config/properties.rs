@@ -347,14 +347,20 @@ fn origin(at: &[Key]) -> &'static [&'static str] {
         Some(Key::Name(n)) => n.as_str(),
         _ => "",
     };
-    match (name(0), name(1)) {
-        ("listen", _) => &["LISTENER_ADDR", "LISTENER_PORT"],
-        ("tls", "acme") => &["SSL_AUTO_ENABLE"],
-        ("tls", _) => &["SSL_ENABLE", "SSL_AUTO_ENABLE"],
-        ("upstreams", _) => &["ENDPOINTS"],
-        ("response_headers", _) => &["CUSTOM_RESPONSE_HEADERS"],
-        ("limits", "concurrency_peak") | ("deferred_queue", "capacity") => &["CONCURRENCY_PEAK"],
-        ("admin", _) => &["METRICS_LISTENER"],
+    match (name(0), name(1), name(2)) {
+        ("listen", _, _) => &["PROTO", "LISTENER_ADDR", "LISTENER_PORT"],
+        ("tls", "acme", "domains") => &["SSL_AUTO_DOMAIN_NAMES", "SSL_AUTO_ENABLE"],
+        ("tls", "acme", "cache_dir") => &["SSL_AUTO_CERTIFICATE_DIR", "SSL_AUTO_ENABLE"],
+        ("tls", "acme", _) => &["SSL_AUTO_ENABLE"],
+        ("tls", "cert", _) => &["SSL_CERTIFICATE_FILE", "SSL_ENABLE", "PROTO"],
+        ("tls", "key", _) => &["SSL_PRIVATE_KEY_FILE", "SSL_ENABLE", "PROTO"],
+        ("tls", _, _) => &["SSL_ENABLE", "PROTO", "SSL_AUTO_ENABLE"],
+        ("upstreams", _, _) => &["ENDPOINTS"],
+        ("response_headers", _, _) => &["CUSTOM_RESPONSE_HEADERS"],
+        ("limits", "concurrency_peak", _) | ("deferred_queue", "capacity", _) => {
+            &["CONCURRENCY_PEAK"]
+        }
+        ("admin", _, _) => &["METRICS_LISTENER"],
         _ => &[],
     }
 }

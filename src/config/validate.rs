@@ -9,7 +9,7 @@
 use std::fmt;
 
 use super::units::format_size;
-use super::values::{check_header, host_port};
+use super::values::{check_header, host_port, is_host_name};
 use super::{Config, Limits, QueueConfig, Scheme, ACME_NEEDS_PLAIN_LISTENER};
 
 /// One step of a key path: a map key or a list index.
@@ -168,6 +168,28 @@ impl Config {
                     at!("tls", "acme", "domains"),
                     "must list at least one domain",
                 ));
+            }
+            for (i, d) in acme.domains.iter().enumerate() {
+                let why = if d.starts_with("*.") {
+                    "is a wildcard, which ACME issues only through the DNS-01 challenge; weir \
+                     answers HTTP-01"
+                } else if !is_host_name(d) || d.parse::<std::net::IpAddr>().is_ok() {
+                    "is not a DNS name"
+                } else {
+                    continue;
+                };
+                return Err(Finding::new(
+                    at!("tls", "acme", "domains"; i),
+                    format!("`{d}` {why}"),
+                ));
+            }
+            if let Some(dir) = &acme.directory {
+                if !(dir.starts_with("https://") || dir.starts_with("http://")) {
+                    return Err(Finding::new(
+                        at!("tls", "acme", "directory"),
+                        format!("`{dir}` is not an http(s):// URL of an ACME directory"),
+                    ));
+                }
             }
             if acme.cache_dir.is_none() {
                 return Err(Finding::new(

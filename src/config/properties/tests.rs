@@ -390,6 +390,18 @@ fn a_concurrency_peak_over_the_queue_ceiling_caps_the_queue_with_a_warning() {
 }
 
 #[test]
+fn validation_findings_point_at_the_key_that_set_the_value() {
+    err_at(
+        &format!(
+            "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_CERTIFICATE_DIR=/acme\n\
+             SSL_AUTO_DOMAIN_NAMES=a.example,*.example\n"
+        ),
+        Some(4),
+        &["SSL_AUTO_DOMAIN_NAMES: tls.acme.domains[1]", "DNS-01"],
+    );
+}
+
+#[test]
 fn keep_alive_timeout_of_zero_or_less_turns_keep_alive_off() {
     for t in ["0", "-5"] {
         let c = config(&format!("{ENDPOINTS}KEEP_ALIVE_TIMEOUT={t}\n"));

@@ -517,6 +517,23 @@ fn rules_the_runtime_relies_on_are_checked_at_load() {
         Some(4),
         &["response_headers.X-Bad", "not a valid header value"],
     );
+    err_at(
+        &format!("{MINIMAL}tls:\n  acme:\n    cache_dir: /acme\n    domains:\n      - a.example\n      - '*.example'\n"),
+        Some(7),
+        &["tls.acme.domains[1]", "DNS-01"],
+    );
+    err_at(
+        &format!(
+            "{MINIMAL}tls:\n  acme:\n    cache_dir: /acme\n    domains: [a.example, 10.0.0.1]\n"
+        ),
+        Some(5),
+        &["`10.0.0.1` is not a DNS name"],
+    );
+    err_at(
+        &format!("{MINIMAL}tls:\n  acme:\n    cache_dir: /acme\n    domains: [a.example]\n    directory: acme.example/dir\n"),
+        Some(6),
+        &["tls.acme.directory", "not an http(s):// URL"],
+    );
     // A host the URL parser would refuse, built by hand: the Host header rule still holds.
     let mut c = ok(MINIMAL);
     c.upstreams[0].host = "bad\nhost".into();
