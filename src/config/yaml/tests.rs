@@ -671,3 +671,26 @@ fn the_error_log_goes_to_stderr_unless_told_otherwise() {
         &["log.error_file", "stderr, off or a file path"],
     );
 }
+
+#[test]
+fn conf_weir_yaml_writes_out_every_key() {
+    // Adding a key is a field with its default plus its line in conf/weir.yaml: this holds
+    // the second half (the embedded-default test holds the values).
+    let name = |n: &str| Key::Name(n.to_string());
+    let printed = serde_yaml::to_value(Config::default()).unwrap_or_default();
+    let sections = printed.as_mapping().cloned().unwrap_or_default();
+    assert!(sections.len() > 10, "{sections:?}");
+    for (section, value) in &sections {
+        let section = section.as_str().unwrap_or_default();
+        let line = locate(DEFAULT_YAML, &[name(section)]);
+        assert!(line.is_some(), "conf/weir.yaml lacks `{section}`");
+        for key in value.as_mapping().into_iter().flat_map(|m| m.keys()) {
+            let key = key.as_str().unwrap_or_default();
+            let at = locate(DEFAULT_YAML, &[name(section), name(key)]);
+            assert!(
+                at.is_some() && at != line,
+                "conf/weir.yaml lacks `{section}.{key}`"
+            );
+        }
+    }
+}
