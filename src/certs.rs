@@ -1,6 +1,6 @@
 //! The certificate store: what the TLS listeners serve. Config loads and reloads write the
 //! pair read from `tls.cert`/`tls.key`; the ACME service writes the certificate it obtained
-//! (preferred); the listeners' resolver ([`crate::tls`]) reads it at every handshake. Also the
+//! (preferred); the TLS listeners' resolver (`tls.rs`) reads it at every handshake. Also the
 //! PEM readers for those files and for upstream CA files.
 
 use std::path::Path;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::config::{AccessLog, Config, Listener};
+use crate::config::{AccessLog, Config, ErrorLog, Listener};
 use crate::server::{self, RunOptions};
 
 const PORTS: [u16; 3] = [9001, 9002, 9003];
@@ -31,7 +31,7 @@ pub fn run(listen: &str) -> Result<(), String> {
         tls: false,
     }];
     config.log.access = AccessLog::Off;
-    config.log.error_file = None;
+    config.log.error_log = ErrorLog::Off;
     let nodes: Vec<Arc<DemoNode>> = PORTS
         .iter()
         .enumerate()

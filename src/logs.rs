@@ -1,4 +1,5 @@
-//! The access log (one JSON line per request) and the ServiceQ-shaped error log.
+//! The access log (one JSON line per request) and the ServiceQ-shaped error log (stderr by
+//! default, or a file, or off).
 //!
 //! Request threads never write files: they hand a finished line to a bounded channel, and one
 //! writer thread per log batches the lines into its file. If the writer falls behind, lines are
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
-use crate::config::AccessLog;
+use crate::config::{AccessLog, ErrorLog};
 
 const CHANNEL_LINES: usize = 65_536;
 
@@ -29,6 +30,7 @@ pub struct LogSink {
 
 enum Target {
     Stdout,
+    Stderr,
     File(PathBuf),
 }
 
@@ -36,6 +38,7 @@ impl Target {
     fn open(&self) -> io::Result<Box<dyn Write + Send>> {
         Ok(match self {
             Target::Stdout => Box::new(io::stdout()),
+            Target::Stderr => Box::new(io::stderr()),
             Target::File(path) => Box::new(open_append(path)?),
         })
     }
@@ -95,9 +98,12 @@ fn write_loop(
                 }
                 Message::Reopen => {
                     let _ = w.flush();
-                    match target.open() {
-                        Ok(f) => w = BufWriter::with_capacity(64 * 1024, f),
-                        Err(e) => log::error!("cannot reopen log file: {e}"),
+                    // stdout and stderr are not rotated by renaming: nothing to reopen.
+                    if let Target::File(_) = target {
+                        match target.open() {
+                            Ok(f) => w = BufWriter::with_capacity(64 * 1024, f),
+                            Err(e) => log::error!("cannot reopen log file: {e}"),
+                        }
                     }
                 }
             }
@@ -122,15 +128,16 @@ pub struct Logs {
 }
 
 impl Logs {
-    pub fn start(access: &AccessLog, error_file: Option<&Path>) -> io::Result<Logs> {
+    pub fn start(access: &AccessLog, error: &ErrorLog) -> io::Result<Logs> {
         let access = match access {
             AccessLog::Off => None,
             AccessLog::Stdout => Some(LogSink::start("access", Target::Stdout)?),
             AccessLog::File(p) => Some(LogSink::start("access", Target::File(p.clone()))?),
         };
-        let error = match error_file {
-            None => None,
-            Some(p) => Some(LogSink::start("error", Target::File(p.to_path_buf()))?),
+        let error = match error {
+            ErrorLog::Off => None,
+            ErrorLog::Stderr => Some(LogSink::start("error", Target::Stderr)?),
+            ErrorLog::File(p) => Some(LogSink::start("error", Target::File(p.clone()))?),
         };
         Ok(Logs { access, error })
     }

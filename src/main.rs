@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use weir::config::{yaml, Config, ConfigWarning, Loaded};
+use weir::config::{values, Config, ConfigWarning, Loaded};
 use weir::server::RunOptions;
 
 // A quarter of a proxy's user-space CPU goes to malloc/free under glibc; mimalloc's per-thread
@@ -89,10 +89,13 @@ fn main() -> ExitCode {
             let mut cfg = loaded.config;
             let mut listen_override = None;
             if let Some(addr) = listen {
-                if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str()) {
-                    eprintln!("weir: --listen {addr}: not a host:port address ({e})");
-                    return ExitCode::from(2);
-                }
+                let addr = match values::check_listen_addr(&addr) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("weir: --listen: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
                 let tls = cfg.tls.is_some();
                 cfg.listen = vec![weir::config::Listener { addr, tls }];
                 listen_override = Some(cfg.listen.clone());
@@ -122,7 +125,7 @@ fn main() -> ExitCode {
                 eprintln!("weir: {}: {e}", config.display());
                 return ExitCode::from(1);
             }
-            print!("{}", yaml::to_yaml(&loaded.config));
+            print!("{}", loaded.config.to_yaml());
             eprintln!("weir: {}: ok", config.display());
             ExitCode::SUCCESS
         }
@@ -153,7 +156,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             print_warnings(&file, &loaded.warnings);
-            print!("{}", yaml::to_yaml(&loaded.config));
+            print!("{}", loaded.config.to_yaml());
             ExitCode::SUCCESS
         }
         Command::Demo { listen } => match weir::demo::run(&listen) {

@@ -114,7 +114,7 @@ impl Runtime {
         }
         Ok(Runtime {
             attempts: config.attempts_per_request(),
-            keepalive_secs: Some(config.timeouts.keepalive.as_secs().max(1)),
+            keepalive_secs: config.timeouts.keepalive.map(|d| d.as_secs()),
             response_headers,
             router,
             nodes,

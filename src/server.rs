@@ -74,7 +74,7 @@ pub struct Built {
 pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     let metrics = Metrics::new();
     let logs = Arc::new(
-        Logs::start(&config.log.access, config.log.error_file.as_deref())
+        Logs::start(&config.log.access, &config.log.error_log)
             .map_err(|e| format!("cannot open log files: {e}"))?,
     );
     let runtime = Runtime::build(config.clone(), &metrics)?;

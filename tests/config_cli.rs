@@ -180,3 +180,44 @@ async fn run_serves_traffic_from_an_sq_properties_file() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.node(), Some("a"));
 }
+
+/// What `weir check` and `weir convert` print is a config that prints the same again.
+#[tokio::test]
+async fn printed_configs_read_back_to_the_same_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = write(
+        dir.path(),
+        "in.yaml",
+        "listen: [{addr: 127.0.0.1:80, tls: false}, 127.0.0.1:443]\n\
+         tls: {acme: {domains: [a.example], cache_dir: /acme}}\n\
+         upstreams: [http://127.0.0.1:9001, {url: http://127.0.0.1:9002, weight: 3}]\n\
+         timeouts: {request: off, keepalive: off}\n\
+         upfront_queue: {enabled: true, formats: [POST /events]}\n\
+         response_headers: {Server: weir, X-Num: 42}\nlog: {error_file: off}\n",
+    );
+    let props = write(
+        dir.path(),
+        "in.properties",
+        "ENDPOINTS=http://127.0.0.1:9001\nCONCURRENCY_PEAK=64\nKEEP_ALIVE_TIMEOUT=0\n\
+         CUSTOM_RESPONSE_HEADERS=Server|X-A: b\nQ_REQUEST_FORMATS=POST /orders !,POST\n",
+    );
+    for input in [yaml, props] {
+        let path = input.to_str().expect("utf-8");
+        let mut printed = Vec::new();
+        for args in [vec!["check", "-c", path], vec!["convert", path]] {
+            let out = run_weir(&args, dir.path(), EXIT_DEADLINE).await;
+            assert!(out.status.success(), "weir {args:?}: {}", stderr(&out));
+            printed.push(stdout(&out));
+        }
+        assert_eq!(printed[0], printed[1], "check and convert print the same");
+        let again = write(dir.path(), "printed.yaml", &printed[0]);
+        let out = run_weir(
+            &["check", "-c", again.to_str().expect("utf-8")],
+            dir.path(),
+            EXIT_DEADLINE,
+        )
+        .await;
+        assert!(out.status.success(), "{}\n{}", stderr(&out), printed[0]);
+        assert_eq!(stdout(&out), printed[0], "{path} printed twice");
+    }
+}

@@ -237,6 +237,35 @@ async fn client_connection_is_kept_alive_across_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_off_closes_the_connection_after_the_response() {
+    let a = Upstream::start("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml("timeouts: {keepalive: off}")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let raw = support::client::exchange_raw(
+        gw.addr(),
+        b"GET /once HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(6),
+    )
+    .await
+    .expect("exchange");
+    let closed = started.elapsed();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    // Not after an idle second (the old `0` meant 1 s), but right after the response.
+    assert!(
+        closed < Duration::from_millis(900),
+        "connection closed after {closed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_connection_is_closed_after_the_keepalive_timeout() {
     let a = Upstream::start("a").await;
     let gw = Gateway::builder()

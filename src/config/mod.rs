@@ -1,11 +1,24 @@
 //! The typed configuration: every knob, its default and its validation.
 //!
-//! Two input formats feed one [`Config`]: the native YAML (`yaml.rs`) and ServiceQ's
-//! `sq.properties` (`properties.rs`). Everything downstream (proxy, routing, queues) reads only
-//! this typed form, never the files.
+//! Each section of the file is one type below, with its defaults (`impl Default`) and
+//! `deny_unknown_fields`; the native YAML is deserialized straight into [`Config`] (`yaml.rs`),
+//! and ServiceQ's `sq.properties` starts from [`Config::default`] and sets fields
+//! (`properties.rs`). Value types (durations, sizes, rates, addresses, upstream URLs, request
+//! formats, header lists, statuses) read and print themselves (`units.rs`, `values.rs`,
+//! `formats.rs`), so a bad value is reported at its own line. Rules that involve more than one
+//! value live in one pass, [`Config::validate`] (`validate.rs`), run by both readers.
+//! `weir check` and `weir convert` print a config by serializing this same type.
+//!
+//! Adding a key: one field here (doc comment, `with` module if its value type needs one, its
+//! default in the section's `Default`), and its line in `conf/weir.yaml`.
+//!
+//! Everything downstream (proxy, routing, queues) reads only this typed form, never the files.
 
+pub mod formats;
 pub mod properties;
 pub mod units;
+pub mod validate;
+pub mod values;
 pub mod yaml;
 
 use std::fmt;
@@ -13,10 +26,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::queue::formats::RequestFormats;
-pub use crate::routing::Algorithm;
+use formats::RequestFormats;
+pub use validate::{Finding, Key};
 
 /// Said when ACME is configured but no listener can answer its HTTP-01 challenge.
 pub const ACME_NEEDS_PLAIN_LISTENER: &str = "ACME validates with HTTP-01: the ACME server fetches http://DOMAIN/.well-known/acme-challenge/... on port 80, which needs a plain listener (`{addr: \"0.0.0.0:80\", tls: false}`); every listener here is TLS, so no certificate can be obtained (a cached one in cache_dir is still served)";
@@ -50,7 +63,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Something accepted but worth telling the operator (e.g. a ServiceQ key weir does not act on yet).
+/// Something accepted but worth telling the operator (e.g. an unverified upstream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigWarning {
     pub line: Option<usize>,
@@ -64,12 +77,22 @@ pub struct Loaded {
     pub warnings: Vec<ConfigWarning>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The whole file. Sections are in the order of `conf/weir.yaml`, which is also the order
+/// `weir check` prints them in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a map of weir settings (see conf/weir.yaml)"
+)]
 pub struct Config {
-    /// Listening addresses of the proxy (at least one).
+    /// Listening addresses of the proxy (at least one). Default `0.0.0.0:5252`.
+    #[serde(with = "values::listeners")]
     pub listen: Vec<Listener>,
-    /// Downstream TLS: the certificate of the TLS listeners.
+    /// Downstream TLS: the certificate of the TLS listeners. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// The cluster (at least one; no default).
     pub upstreams: Vec<Upstream>,
     pub upstream_host: UpstreamHost,
     pub routing: Routing,
@@ -77,40 +100,112 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub deferred_queue: QueueConfig,
+    /// The same type as `deferred_queue`, with the upfront defaults ([`QueueConfig::upfront`]).
     pub upfront_queue: QueueConfig,
-    /// Headers added to every response, in order.
+    /// Headers added to every response, in order. Default none.
+    #[serde(with = "values::headers")]
     pub response_headers: Vec<(String, String)>,
     pub admin: Admin,
     pub log: LogConfig,
     pub server: ServerSettings,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+impl Default for Config {
+    /// Every knob at its default, listening on [`DEFAULT_LISTEN`], and no upstreams.
+    fn default() -> Self {
+        Config {
+            listen: vec![Listener {
+                addr: DEFAULT_LISTEN.to_string(),
+                tls: false,
+            }],
+            tls: None,
+            upstreams: Vec::new(),
+            upstream_host: UpstreamHost::default(),
+            routing: Routing::default(),
+            retries: Retries::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            deferred_queue: QueueConfig::default(),
+            upfront_queue: QueueConfig::upfront(),
+            response_headers: Vec::new(),
+            admin: Admin::default(),
+            log: LogConfig::default(),
+            server: ServerSettings::default(),
+        }
+    }
+}
+
+/// Where the proxy listens when the config does not say.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:5252";
+
+/// One listening address. Written as `host:port` or `{addr: host:port, tls: bool}`; in YAML a
+/// listener without `tls` follows the `tls` block (see `yaml.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// `remote = "Self"`: the derived (de)serializers become inherent functions, which the trait
+// impls in values.rs call for the map form (a bare `host:port` is read there too).
+#[serde(
+    remote = "Self",
+    deny_unknown_fields,
+    expecting = "a listener map with addr and tls"
+)]
 pub struct Listener {
     /// `host:port`, e.g. `0.0.0.0:5252` or `[::1]:5252`.
+    #[serde(deserialize_with = "values::listen_addr")]
     pub addr: String,
-    /// Terminates TLS with the `tls` certificate. A listener is TLS when a `tls` block is
-    /// configured unless it says `tls: false` (so `listen` + `tls`, and ServiceQ's SSL_ENABLE,
-    /// make the listener TLS).
+    /// Terminates TLS with the `tls` certificate.
+    #[serde(default)]
     pub tls: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tls block with cert and key, or acme"
+)]
 pub struct TlsConfig {
+    /// PEM chain, leaf first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert: Option<PathBuf>,
+    /// PEM key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
+    /// weir obtains and renews the certificate itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<AcmeConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an acme block")]
 pub struct AcmeConfig {
+    /// The ACME directory URL; default Let's Encrypt production.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub directory: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// The names the certificate is for (at least one).
     pub domains: Vec<String>,
+    /// Where the account, certificate and key are kept (required).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// Renew this long before expiry. Default 30 days.
+    #[serde(with = "units::positive_duration")]
     pub renew_before: Duration,
 }
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            directory: None,
+            email: None,
+            domains: Vec::new(),
+            cache_dir: None,
+            renew_before: DEFAULT_RENEW_BEFORE,
+        }
+    }
+}
+
+/// The default ACME renewal margin.
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,7 +214,9 @@ pub enum Scheme {
     Https,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One upstream node. Written as its URL, or as a map with `url` and the optional fields
+/// (read and printed in values.rs).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// The URL as configured, normalised to `scheme://host:port` (used as the metrics label).
     pub url: String,
@@ -129,12 +226,25 @@ pub struct Upstream {
     pub port: u16,
     /// Resolved once at load time.
     pub addr: SocketAddr,
-    /// Relative share of first attempts among healthy nodes (>= 1).
+    /// Relative share of first attempts among healthy nodes (>= 1). Default 1.
     pub weight: u32,
+    /// Verify an https upstream's certificate. Default true.
     pub tls_verify: bool,
+    /// Trust only this CA (PEM) for an https upstream. Default: the system roots.
     pub ca: Option<PathBuf>,
     /// SNI for https upstreams; defaults to `host`.
     pub sni: Option<String>,
+}
+
+/// How the router picks a node (see `routing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Error feedback with latency and in-flight awareness.
+    #[default]
+    Feedback,
+    /// ServiceQ's exact formula.
+    Serviceq,
 }
 
 /// What `Host` header upstreams receive.
@@ -148,95 +258,235 @@ pub enum UpstreamHost {
     Rewrite,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of routing settings")]
 pub struct Routing {
     pub algorithm: Algorithm,
     /// Upstream response statuses counted as node failures (and retried where safe).
+    #[serde(with = "values::statuses")]
     pub failure_statuses: Vec<u16>,
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// How fast a node's error score fades with time.
+    #[serde(with = "units::positive_duration")]
     pub decay_half_life: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            algorithm: Algorithm::Feedback,
+            failure_statuses: vec![502, 503, 504],
+            decay_half_life: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of retry settings")]
 pub struct Retries {
-    /// Total attempts per request; 0 = one per upstream.
+    /// Total attempts per request; 0 (the default) = one per upstream.
+    #[serde(with = "values::count")]
     pub max_attempts: u32,
-    /// Pause between two attempts of one request (not after the last).
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// Pause between two attempts of one request (not after the last). Default 0.
+    #[serde(with = "units::duration")]
     pub gap: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of timeouts")]
 pub struct Timeouts {
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// TCP/TLS connect to an upstream.
+    #[serde(with = "units::positive_duration")]
     pub connect: Duration,
     /// Per attempt; `None` = no timeout (sq.properties OUTGOING_REQUEST_TIMEOUT <= 0).
-    #[serde(serialize_with = "units::serialize_opt_duration")]
+    #[serde(with = "units::duration_or_off")]
     pub request: Option<Duration>,
-    /// Client idle keep-alive.
-    #[serde(serialize_with = "units::serialize_duration")]
-    pub keepalive: Duration,
+    /// Client idle keep-alive, whole seconds; `None` (`off`, `0`) = keep-alive off, the
+    /// connection is closed after each response.
+    #[serde(with = "units::seconds_or_off")]
+    pub keepalive: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(1),
+            request: Some(Duration::from_secs(5)),
+            keepalive: Some(Duration::from_secs(120)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of limits")]
 pub struct Limits {
     /// In-flight client requests; beyond it weir answers 429.
+    #[serde(with = "values::positive")]
     pub concurrency_peak: usize,
     /// Bodies up to this size are kept for retry and queue.
+    #[serde(with = "units::size")]
     pub max_buffered_body: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+impl Limits {
+    /// The largest `max_buffered_body`: each request may hold a body this size in memory.
+    pub const MAX_BUFFERED_BODY: usize = 1 << 30;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            concurrency_peak: 2048,
+            max_buffered_body: 1 << 20,
+        }
+    }
+}
+
+/// One queue. `Default` is the deferred queue's defaults; [`QueueConfig::upfront`] the upfront
+/// queue's (off, no request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of queue settings")]
 pub struct QueueConfig {
     pub enabled: bool,
+    /// Which requests the queue takes (request-format grammar, see formats.rs).
     pub formats: RequestFormats,
+    /// Queued requests (fixed at start); beyond it 503 Queue Full.
+    #[serde(with = "values::positive")]
     pub capacity: usize,
-    /// 0 = unlimited.
+    /// Deliveries before dead-lettering; 0 = unlimited.
+    #[serde(with = "values::count")]
     pub max_attempts: u32,
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// Age before dead-lettering.
+    #[serde(with = "units::positive_duration")]
     pub ttl: Duration,
+    /// Also replay requests that may have reached an upstream.
     pub replay_unsafe: bool,
     /// Deliveries per second during a drain.
+    #[serde(with = "units::rate")]
     pub replay_rate: u32,
+    /// Deliveries in parallel (dispatched in queue order).
+    #[serde(with = "values::positive")]
     pub replay_concurrency: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            enabled: true,
+            formats: RequestFormats::parse_csv("POST, PUT, PATCH, DELETE")
+                .unwrap_or_else(|_| RequestFormats::all()),
+            capacity: 2048,
+            max_attempts: 0,
+            ttl: Duration::from_secs(24 * 3600),
+            replay_unsafe: false,
+            replay_rate: 200,
+            replay_concurrency: 1,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The most entries a queue may hold: its slots are allocated when weir starts (a capacity
+    /// of 10^8 asked for 18 GB and aborted the process; 10^6 is about 180 MB).
+    pub const MAX_CAPACITY: usize = 1_000_000;
+
+    /// The upfront queue's defaults: off, and no request matches.
+    pub fn upfront() -> Self {
+        QueueConfig {
+            enabled: false,
+            formats: RequestFormats::none(),
+            ..QueueConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of admin settings")]
 pub struct Admin {
-    /// `None` = no admin listener.
+    /// `None` (`off`) = no admin listener.
+    #[serde(with = "values::addr_or_off")]
     pub listen: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: Some("127.0.0.1:9100".to_string()),
+        }
+    }
+}
+
+/// Where the access log goes: `off`, `stdout` or a file path.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessLog {
     Off,
     Stdout,
     File(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogConfig {
-    pub level: String,
-    pub access: AccessLog,
-    /// ServiceQ-style error lines; `None` = off.
-    pub error_file: Option<PathBuf>,
+/// Where the ServiceQ-style error lines go: `stderr` (the default, collected by systemd and
+/// container runtimes), `off`, or a file path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ErrorLog {
+    #[default]
+    Stderr,
+    Off,
+    File(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of log settings")]
+pub struct LogConfig {
+    /// error | warn | info | debug | trace.
+    #[serde(with = "values::level")]
+    pub level: String,
+    /// JSON lines, one per request.
+    pub access: AccessLog,
+    /// ServiceQ-style error lines (the file key keeps ServiceQ's name).
+    #[serde(rename = "error_file")]
+    pub error_log: ErrorLog,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            access: AccessLog::Stdout,
+            error_log: ErrorLog::Stderr,
+        }
+    }
+}
+
+/// Passed to Pingora.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of server settings")]
 pub struct ServerSettings {
+    #[serde(with = "values::positive")]
     pub threads: usize,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// After SIGTERM, keep accepting this long (whole seconds: Pingora counts seconds).
+    #[serde(with = "units::whole_seconds")]
     pub grace_period: Duration,
-    #[serde(serialize_with = "units::serialize_duration")]
+    /// Then let in-flight requests finish this long (whole seconds).
+    #[serde(with = "units::whole_seconds")]
     pub graceful_shutdown_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            threads: 2,
+            pid_file: PathBuf::from("/tmp/weir.pid"),
+            upgrade_sock: PathBuf::from("/tmp/weir_upgrade.sock"),
+            grace_period: Duration::from_secs(5),
+            graceful_shutdown_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Config {
     /// Reads a config file: `.properties` files (or files shaped like `KEY=value`) as ServiceQ
-    /// `sq.properties`, everything else as native YAML.
+    /// `sq.properties`, everything else as native YAML. Both readers run [`Config::validate`].
     pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(path, None, format!("cannot read file: {e}")))?;
@@ -252,6 +502,12 @@ impl Config {
         yaml::parse(Path::new("<embedded conf/weir.yaml>"), DEFAULT_YAML)
             .map(|l| l.config)
             .unwrap_or_else(|e| panic!("the embedded default config is invalid: {e}"))
+    }
+
+    /// The config as native YAML (`weir check`, `weir convert`); it reads back to an equal
+    /// config.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
 
     /// Attempts per request after applying `retries.max_attempts` (0 = one per upstream).

@@ -6,17 +6,21 @@
 //! keys. weir reports each of these as an error with its line number instead, so a file either
 //! means what it says or is refused.
 //!
-//! Keys not given take the native defaults ([`super::yaml::defaults`]); the mapping to native
-//! keys is the table in `interface.md`. Keys weir reads but does not act on yet produce a
-//! warning ([`not_supported_yet`]), not an error, so existing files keep loading.
+//! The reader starts from [`Config::default`] and sets the fields the file's keys map to (the
+//! table in `interface.md`), then runs [`Config::validate`] like the YAML reader; a finding is
+//! reported at the line of the sq.properties key that set the native key it names.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::yaml::{self, check_header, check_listen_addr, parse_upstream};
-use super::{AcmeConfig, ConfigError, ConfigWarning, Listener, Loaded, TlsConfig, Upstream};
-use crate::queue::formats::RequestFormats;
+use super::formats::RequestFormats;
+use super::validate::{Finding, Key};
+use super::values::{check_listen_addr, parse_upstream};
+use super::{
+    AcmeConfig, Config, ConfigError, ConfigWarning, Listener, Loaded, QueueConfig, TlsConfig,
+    Upstream, DEFAULT_RENEW_BEFORE,
+};
 
 /// Every key weir understands in sq.properties.
 const KEYS: &[&str] = &[
@@ -46,16 +50,6 @@ const KEYS: &[&str] = &[
 
 /// ServiceQ's default listener port.
 const DEFAULT_PORT: u16 = 5252;
-
-/// The warning for a `KEY=value` that weir accepts but cannot act on fully, if any.
-/// SSL_AUTO_ENABLE: the file's one listener is TLS, so ACME's HTTP-01 has no plain listener.
-pub fn not_supported_yet(key: &str, value: &str) -> Option<&'static str> {
-    let on = value.trim().eq_ignore_ascii_case("true");
-    match key {
-        "SSL_AUTO_ENABLE" if on => Some(super::ACME_NEEDS_PLAIN_LISTENER),
-        _ => None,
-    }
-}
 
 /// One `KEY=value` line.
 struct Entry<'a> {
@@ -120,6 +114,18 @@ impl<'a> Lines<'a> {
         Ok(Lines { path, entries })
     }
 
+    /// A validation finding in this file's terms: at the line of the first key that set it,
+    /// named by that key.
+    fn report(&self, finding: Finding) -> (Option<usize>, String) {
+        let set_by = origin(&finding.at)
+            .iter()
+            .find_map(|k| self.get(k).map(|e| (*k, e.line)));
+        match set_by {
+            Some((key, line)) => (Some(line), format!("{key}: {finding}")),
+            None => (None, finding.to_string()),
+        }
+    }
+
     fn get(&self, key: &str) -> Option<&Entry<'a>> {
         self.entries.get(key)
     }
@@ -173,59 +179,36 @@ fn non_empty(s: &str) -> Result<String, String> {
 
 /// `ENDPOINTS`: comma-separated upstream URLs.
 fn endpoints(s: &str) -> Result<Vec<Upstream>, String> {
-    let mut out: Vec<Upstream> = Vec::new();
-    for item in s.split(',') {
-        if item.trim().is_empty() {
-            return Err("an empty entry (two commas in a row, or a comma at an end)".to_string());
-        }
-        let u = parse_upstream(item)?;
-        if out.iter().any(|o| o.url == u.url) {
-            return Err(format!("upstream `{}` is listed twice", u.url));
-        }
-        out.push(u);
-    }
-    Ok(out)
+    s.split(',')
+        .map(|item| match item.trim() {
+            "" => Err("an empty entry (two commas in a row, or a comma at an end)".to_string()),
+            url => parse_upstream(url),
+        })
+        .collect()
 }
 
 /// `CUSTOM_RESPONSE_HEADERS`: `Name: value` entries separated by `|`; a bare `Server` means
-/// `Server: weir`.
+/// `Server: weir`. Names and values are checked by [`Config::validate`].
 fn response_headers(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out: Vec<(String, String)> = Vec::new();
     if s.is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    for item in s.split('|').map(str::trim) {
-        let (name, value) = match item.split_once(':') {
-            Some((n, v)) => (n.trim(), v.trim()),
-            None if item.eq_ignore_ascii_case("Server") => ("Server", "weir"),
+    s.split('|')
+        .map(str::trim)
+        .map(|item| match item.split_once(':') {
+            Some((n, v)) => Ok((n.trim().to_string(), v.trim().to_string())),
+            None if item.eq_ignore_ascii_case("Server") => Ok(("Server".into(), "weir".into())),
             None if item.is_empty() => {
-                return Err("an empty entry (two `|` in a row, or one at an end)".to_string())
+                Err("an empty entry (two `|` in a row, or one at an end)".to_string())
             }
-            None => return Err(format!("`{item}` is not `Name: value`")),
-        };
-        check_header(name, value)?;
-        if out.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            return Err(format!("header `{name}` is set twice"));
-        }
-        out.push((name.to_string(), value.to_string()));
-    }
-    Ok(out)
+            None => Err(format!("`{item}` is not `Name: value`")),
+        })
+        .collect()
 }
 
 /// Reads a ServiceQ `sq.properties` file. `path` is only used to label errors.
 pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let f = Lines::read(path, text)?;
-    let mut warnings = Vec::new();
-    for (key, e) in &f.entries {
-        if let Some(w) = not_supported_yet(key, e.value) {
-            warnings.push(ConfigWarning {
-                line: Some(e.line),
-                message: format!("{key}: {w}"),
-            });
-        }
-    }
-    warnings.sort_by_key(|w| w.line);
-
     let upstreams = f
         .value("ENDPOINTS", endpoints)?
         .ok_or_else(|| f.error(None, "no upstreams configured (ENDPOINTS is missing)"))?;
@@ -249,18 +232,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         f.error(line, format!("LISTENER_ADDR: {why}"))
     })?;
 
-    let mut c = yaml::defaults(vec![Listener { addr, tls: false }], upstreams);
+    let mut c = Config {
+        listen: vec![Listener { addr, tls: false }],
+        upstreams,
+        ..Config::default()
+    };
 
-    f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
-        "http" | "https" => Ok(()),
-        _ => Err(format!("`{s}` is not http or https")),
-    })?;
+    let mut capped_peak = None;
     if let Some(peak) = f.value("CONCURRENCY_PEAK", |s| match integer(s)? {
         n if n >= 1 => usize::try_from(n).map_err(|_| format!("`{s}` is too large")),
         _ => Err(format!("`{s}` must be at least 1")),
     })? {
         c.limits.concurrency_peak = peak;
-        c.deferred_queue.capacity = peak;
+        // ServiceQ's buffer is as large as its peak; weir's queue has a ceiling.
+        c.deferred_queue.capacity = peak.min(QueueConfig::MAX_CAPACITY);
+        if peak > QueueConfig::MAX_CAPACITY {
+            capped_peak = f.get("CONCURRENCY_PEAK").map(|e| e.line);
+        }
     }
     if let Some(t) = f.value("OUTGOING_REQUEST_TIMEOUT", integer)? {
         c.timeouts.request = u64::try_from(t)
@@ -271,8 +259,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     if let Some(gap) = f.value("RETRY_GAP", seconds)? {
         c.retries.gap = gap;
     }
-    if let Some(k) = f.value("KEEP_ALIVE_TIMEOUT", seconds)? {
-        c.timeouts.keepalive = k;
+    if let Some(k) = f.value("KEEP_ALIVE_TIMEOUT", integer)? {
+        // As OUTGOING_REQUEST_TIMEOUT: 0 or less turns it off.
+        c.timeouts.keepalive = u64::try_from(k)
+            .ok()
+            .filter(|k| *k > 0)
+            .map(Duration::from_secs);
     }
     if let Some(on) = f.value("ENABLE_DEFERRED_Q", boolean)? {
         c.deferred_queue.enabled = on;
@@ -312,21 +304,78 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     })? {
         c.admin.listen = admin;
     }
-    c.tls = tls(&f)?;
-    // ServiceQ has one listener: SSL_ENABLE (or SSL_AUTO_ENABLE) makes it TLS.
+    let mut warnings = Vec::new();
+    if let Some(line) = capped_peak {
+        warnings.push(ConfigWarning {
+            line: Some(line),
+            message: format!(
+                "CONCURRENCY_PEAK={} also sizes the deferred queue, which holds at most {} \
+                 entries: deferred_queue.capacity is {}",
+                c.limits.concurrency_peak,
+                QueueConfig::MAX_CAPACITY,
+                QueueConfig::MAX_CAPACITY
+            ),
+        });
+    }
+    c.tls = tls(&f, &mut warnings)?;
+    // ServiceQ has one listener: PROTO=https, SSL_ENABLE or SSL_AUTO_ENABLE makes it TLS.
     for l in &mut c.listen {
         l.tls = c.tls.is_some();
     }
+    let found = c
+        .validate()
+        .map_err(|finding| {
+            let (line, message) = f.report(finding);
+            f.error(line, message)
+        })?
+        .into_iter()
+        .map(|finding| {
+            let (line, message) = f.report(finding);
+            ConfigWarning { line, message }
+        });
+    warnings.extend(found);
+    warnings.sort_by_key(|w| w.line);
     Ok(Loaded {
         config: c,
         warnings,
     })
 }
 
-/// `SSL_ENABLE` (cert and key files) and `SSL_AUTO_*` (ACME) → `tls`. The other SSL keys are
-/// checked even when TLS is off, so a typo does not wait for the day it is turned on.
-fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
-    let manual = f.value("SSL_ENABLE", boolean)?.unwrap_or(false);
+/// The sq.properties keys that set a native key, most specific first.
+fn origin(at: &[Key]) -> &'static [&'static str] {
+    let name = |i: usize| match at.get(i) {
+        Some(Key::Name(n)) => n.as_str(),
+        _ => "",
+    };
+    match (name(0), name(1), name(2)) {
+        ("listen", _, _) => &["PROTO", "LISTENER_ADDR", "LISTENER_PORT"],
+        ("tls", "acme", "domains") => &["SSL_AUTO_DOMAIN_NAMES", "SSL_AUTO_ENABLE"],
+        ("tls", "acme", "cache_dir") => &["SSL_AUTO_CERTIFICATE_DIR", "SSL_AUTO_ENABLE"],
+        ("tls", "acme", _) => &["SSL_AUTO_ENABLE"],
+        ("tls", "cert", _) => &["SSL_CERTIFICATE_FILE", "SSL_ENABLE", "PROTO"],
+        ("tls", "key", _) => &["SSL_PRIVATE_KEY_FILE", "SSL_ENABLE", "PROTO"],
+        ("tls", _, _) => &["SSL_ENABLE", "PROTO", "SSL_AUTO_ENABLE"],
+        ("upstreams", _, _) => &["ENDPOINTS"],
+        ("response_headers", _, _) => &["CUSTOM_RESPONSE_HEADERS"],
+        ("limits", "concurrency_peak", _) | ("deferred_queue", "capacity", _) => {
+            &["CONCURRENCY_PEAK"]
+        }
+        ("admin", _, _) => &["METRICS_LISTENER"],
+        _ => &[],
+    }
+}
+
+/// `PROTO`, `SSL_ENABLE` (cert and key files) and `SSL_AUTO_*` (ACME) → `tls`. The listener
+/// is TLS when any of PROTO=https, SSL_ENABLE=true or SSL_AUTO_ENABLE=true says so; a PROTO
+/// that says otherwise is warned. The SSL keys are checked even when TLS is off, so a typo
+/// does not wait for the day it is turned on.
+fn tls(f: &Lines, warnings: &mut Vec<ConfigWarning>) -> Result<Option<TlsConfig>, ConfigError> {
+    let https = f.value("PROTO", |s| match s.to_ascii_lowercase().as_str() {
+        "http" => Ok(false),
+        "https" => Ok(true),
+        _ => Err(format!("`{s}` is not http or https")),
+    })?;
+    let manual = f.value("SSL_ENABLE", boolean)?;
     let cert = f
         .value("SSL_CERTIFICATE_FILE", non_empty)?
         .map(PathBuf::from);
@@ -349,42 +398,82 @@ fn tls(f: &Lines) -> Result<Option<TlsConfig>, ConfigError> {
         n if n >= 1 => Ok(Duration::from_secs(n.unsigned_abs().saturating_mul(86_400))),
         _ => Err(format!("`{s}` must be at least 1 (days)")),
     })?;
+    let line = |key: &str| f.get(key).map(|e| e.line);
+    let proto_line = line("PROTO");
 
-    let mut tls = TlsConfig {
-        cert: None,
-        key: None,
-        acme: None,
-    };
-    if manual {
-        let line = f.get("SSL_ENABLE").map(|e| e.line);
+    // Who asks for the cert and key files: SSL_ENABLE=true, or PROTO=https without ACME (or
+    // with ACME and the files given, served until ACME has a certificate).
+    let by_ssl_enable = manual == Some(true);
+    let by_proto = https == Some(true) && (!auto || cert.is_some() || key.is_some());
+    let mut tls = TlsConfig::default();
+    if by_ssl_enable || by_proto {
+        let (asker, at) = match by_ssl_enable {
+            true => ("SSL_ENABLE=true", line("SSL_ENABLE")),
+            false => ("PROTO=https", proto_line),
+        };
         match (cert, key) {
             (Some(cert), Some(key)) => {
                 tls.cert = Some(cert);
                 tls.key = Some(key);
             }
+            (None, None) if !by_ssl_enable => {
+                return Err(f.error(
+                    at,
+                    "PROTO=https needs SSL_CERTIFICATE_FILE and SSL_PRIVATE_KEY_FILE, \
+                     or SSL_AUTO_ENABLE=true (ACME)",
+                ));
+            }
             (None, _) => {
-                return Err(f.error(line, "SSL_ENABLE=true needs SSL_CERTIFICATE_FILE"));
+                return Err(f.error(at, format!("{asker} needs SSL_CERTIFICATE_FILE")));
             }
             (_, None) => {
-                return Err(f.error(line, "SSL_ENABLE=true needs SSL_PRIVATE_KEY_FILE"));
+                return Err(f.error(at, format!("{asker} needs SSL_PRIVATE_KEY_FILE")));
             }
         }
     }
     if auto {
         let domains = domains.unwrap_or_default();
         if domains.is_empty() {
-            let line = f.get("SSL_AUTO_ENABLE").map(|e| e.line);
-            return Err(f.error(line, "SSL_AUTO_ENABLE=true needs SSL_AUTO_DOMAIN_NAMES"));
+            return Err(f.error(
+                line("SSL_AUTO_ENABLE"),
+                "SSL_AUTO_ENABLE=true needs SSL_AUTO_DOMAIN_NAMES",
+            ));
+        }
+        if cache_dir.is_none() {
+            return Err(f.error(
+                line("SSL_AUTO_ENABLE"),
+                "SSL_AUTO_ENABLE=true needs SSL_AUTO_CERTIFICATE_DIR (where the account, \
+                 certificate and key are kept)",
+            ));
         }
         tls.acme = Some(AcmeConfig {
             directory: None,
             email: email.flatten(),
             domains,
             cache_dir: cache_dir.map(PathBuf::from),
-            renew_before: renew.unwrap_or(yaml::DEFAULT_RENEW_BEFORE),
+            renew_before: renew.unwrap_or(DEFAULT_RENEW_BEFORE),
         });
     }
-    Ok((manual || auto).then_some(tls))
+    let on = by_ssl_enable || by_proto || auto;
+    // PROTO disagreeing with the SSL keys: the listener is TLS, as the key that says so.
+    let disagreeing = match https {
+        Some(false) if by_ssl_enable => Some(("SSL_ENABLE", "PROTO=https")),
+        Some(false) if auto => Some(("SSL_AUTO_ENABLE", "PROTO=https")),
+        Some(true) if manual == Some(false) => Some(("SSL_ENABLE", "SSL_ENABLE=true")),
+        _ => None,
+    };
+    if let (Some((other, fix)), Some(at)) = (disagreeing, proto_line) {
+        let proto = f.get("PROTO").map_or("", |e| e.value);
+        let (other_value, other_line) = f.get(other).map_or(("", 0), |e| (e.value, e.line));
+        warnings.push(ConfigWarning {
+            line: Some(at),
+            message: format!(
+                "PROTO={proto} (line {at}) and {other}={other_value} (line {other_line}) \
+                 disagree: the listener is TLS; write {fix}"
+            ),
+        });
+    }
+    Ok(on.then_some(tls))
 }
 
 #[cfg(test)]

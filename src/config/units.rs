@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use serde::Serializer;
+use serde::{Deserializer, Serializer};
+
+use super::values::Scalar;
 
 const NANOS_PER: [(&str, u128); 7] = [
     ("d", 86_400_000_000_000),
@@ -146,20 +148,125 @@ pub fn parse_rate(s: &str) -> Result<u32, String> {
     u32::try_from(count.div_ceil(per)).map_err(|_| format!("rate `{s}` is too large"))
 }
 
-/// Serializes a [`Duration`] in its shortest exact form (see [`format_duration`]).
-pub fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_duration(*d))
+// === serde `with` modules, one per value type ===
+
+/// Any duration, `0` included.
+pub mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Scalar::new("a duration such as 250ms or 5s", parse_duration).read(d)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
 }
 
-/// Serializes an optional duration; `None` (no limit) prints as `off`, which the parsers read
-/// back as `None`.
-pub fn serialize_opt_duration<S: Serializer>(
-    d: &Option<Duration>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => serialize_duration(d, s),
-        None => s.serialize_str("off"),
+/// A duration longer than zero.
+pub mod positive_duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Scalar::new("a duration such as 5s", parse).read(d)
+    }
+
+    pub use super::duration::serialize;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        match parse_duration(s)? {
+            d if d.is_zero() => Err(format!("`{s}` must be longer than 0")),
+            d => Ok(d),
+        }
+    }
+}
+
+/// A limit that can be turned off: `0`, `none`, `off` (or `~`) mean none; printed as `off`.
+pub mod duration_or_off {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Scalar::new("a duration such as 5s, or off", |s| match s.trim() {
+            "none" | "off" => Ok(None),
+            t => parse_duration(t).map(|d| Some(d).filter(|d| !d.is_zero())),
+        })
+        .null_as("off")
+        .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
+/// A duration in whole seconds (`0s` allowed), for settings that are counted in seconds where
+/// they are used: a sub-second part would be silently dropped, so it is an error.
+pub mod whole_seconds {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Scalar::new("a duration in whole seconds such as 5s", parse).read(d)
+    }
+
+    pub use super::duration::serialize;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let d = parse_duration(s)?;
+        if d.subsec_nanos() != 0 {
+            return Err(format!(
+                "`{}`: whole seconds only (Pingora counts it in seconds)",
+                s.trim()
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// Whole seconds, or `0`/`0s`/`off` (also `~`) for none; printed as `off`.
+pub mod seconds_or_off {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Scalar::new(
+            "a duration in whole seconds such as 60s, or off",
+            |s| match s.trim() {
+                "off" => Ok(None),
+                t => whole_seconds::parse(t).map(|d| Some(d).filter(|d| !d.is_zero())),
+            },
+        )
+        .null_as("off")
+        .read(d)
+    }
+
+    pub use super::duration_or_off::serialize;
+}
+
+/// A size in bytes, printed in its shortest exact form.
+pub mod size {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        Scalar::new("a size such as 64KiB or 1MiB", parse_size).read(d)
+    }
+
+    pub fn serialize<S: Serializer>(n: &usize, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_size(*n))
+    }
+}
+
+/// Events per second, printed as `N/s`.
+pub mod rate {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        Scalar::new("a rate such as 200/s", parse_rate).read(d)
+    }
+
+    pub fn serialize<S: Serializer>(n: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{n}/s"))
     }
 }
 

@@ -19,7 +19,6 @@
 //!   At shutdown the entries still queued are counted, logged one by one, and exportable.
 
 pub mod delivery;
-pub mod formats;
 pub mod handover;
 pub mod memory;
 pub mod replay;

@@ -62,6 +62,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::config::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use node::{Outcome, SCORE_CAP};
 
@@ -90,14 +91,6 @@ pub fn health_factor(score: f64) -> f64 {
     let x = score / HEALTH_KNEE;
     let x2 = x * x;
     1.0 / (1.0 + x2 * x2)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    #[default]
-    Feedback,
-    Serviceq,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

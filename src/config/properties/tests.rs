@@ -1,6 +1,5 @@
 use super::*;
-use crate::config::yaml::to_yaml;
-use crate::config::{AccessLog, Config};
+use crate::config::AccessLog;
 
 fn load(text: &str) -> Result<Loaded, ConfigError> {
     parse(Path::new("sq.properties"), text)
@@ -34,7 +33,7 @@ const ENDPOINTS: &str = "ENDPOINTS=http://127.0.0.1:9001\n";
 const REALISTIC: &str = "\
 # ServiceQ config
 LISTENER_PORT=8080
-PROTO=http
+PROTO=https
 ENDPOINTS=http://127.0.0.1:8001,http://localhost,https://127.0.0.1:8443
 
 CONCURRENCY_PEAK=512
@@ -83,7 +82,7 @@ fn a_realistic_file_maps_every_key() {
     assert_eq!(c.deferred_queue.capacity, 512);
     assert_eq!(c.timeouts.request, Some(Duration::from_secs(3)));
     assert_eq!(c.retries.gap, Duration::from_secs(1));
-    assert_eq!(c.timeouts.keepalive, Duration::from_secs(30));
+    assert_eq!(c.timeouts.keepalive, Some(Duration::from_secs(30)));
     assert!(c.deferred_queue.enabled);
     assert!(!c.upfront_queue.enabled);
     for q in [&c.deferred_queue, &c.upfront_queue] {
@@ -130,7 +129,7 @@ fn a_realistic_file_maps_every_key() {
 #[test]
 fn a_converted_file_reads_back_as_the_same_config() {
     let c = config(REALISTIC);
-    let yaml = to_yaml(&c);
+    let yaml = c.to_yaml();
     let back = crate::config::yaml::parse(Path::new("converted.yaml"), &yaml)
         .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(back.config, c);
@@ -140,7 +139,11 @@ fn a_converted_file_reads_back_as_the_same_config() {
 fn only_endpoints_is_required_and_the_rest_defaults() {
     let c = config(ENDPOINTS);
     assert_eq!(c.listen[0].addr, "0.0.0.0:5252");
-    let mut d = yaml::defaults(c.listen.clone(), c.upstreams.clone());
+    let mut d = Config {
+        listen: c.listen.clone(),
+        upstreams: c.upstreams.clone(),
+        ..Config::default()
+    };
     // sq.properties' own default: absent formats mean ALL, for both queues.
     d.deferred_queue.formats = RequestFormats::all();
     d.upfront_queue.formats = RequestFormats::all();
@@ -254,7 +257,6 @@ fn out_of_range_values_are_errors() {
     for (line, needle) in [
         ("CONCURRENCY_PEAK=0", "at least 1"),
         ("RETRY_GAP=-1", "negative"),
-        ("KEEP_ALIVE_TIMEOUT=-5", "negative"),
         ("ENABLE_DEFERRED_Q=yes", "true or false"),
         ("PROTO=ftp", "http or https"),
         ("METRICS_LISTENER=9100", "host:port"),
@@ -307,6 +309,107 @@ fn request_timeout_of_zero_or_less_means_none() {
 }
 
 #[test]
+fn proto_https_makes_the_listener_tls_and_needs_a_certificate() {
+    let c = config(&format!(
+        "{ENDPOINTS}PROTO=https\nSSL_CERTIFICATE_FILE=/c.pem\nSSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(c.listen[0].tls);
+    let tls = c.tls.unwrap_or_default();
+    assert_eq!(
+        (tls.cert, tls.key),
+        (Some("/c.pem".into()), Some("/k.pem".into()))
+    );
+    let acme = config(&format!(
+        "{ENDPOINTS}PROTO=https\nSSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\n\
+         SSL_AUTO_CERTIFICATE_DIR=/acme\n"
+    ));
+    assert!(acme.listen[0].tls);
+    assert!(acme
+        .tls
+        .is_some_and(|t| t.acme.is_some() && t.cert.is_none()));
+    err_at(
+        &format!("{ENDPOINTS}PROTO=https\n"),
+        Some(2),
+        &[
+            "PROTO=https needs SSL_CERTIFICATE_FILE and SSL_PRIVATE_KEY_FILE",
+            "SSL_AUTO_ENABLE",
+        ],
+    );
+    err_at(
+        &format!("{ENDPOINTS}SSL_CERTIFICATE_FILE=/c.pem\nPROTO=https\n"),
+        Some(3),
+        &["PROTO=https needs SSL_PRIVATE_KEY_FILE"],
+    );
+    let plain = config(&format!("{ENDPOINTS}PROTO=http\n"));
+    assert!(!plain.listen[0].tls && plain.tls.is_none());
+}
+
+#[test]
+fn proto_disagreeing_with_the_ssl_keys_is_warned_naming_both_lines() {
+    let loaded = ok(&format!(
+        "{ENDPOINTS}PROTO=http\nSSL_ENABLE=true\nSSL_CERTIFICATE_FILE=/c.pem\n\
+         SSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(loaded.config.listen[0].tls, "TLS, as SSL_ENABLE says");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let w = &loaded.warnings[0];
+    assert_eq!(w.line, Some(2));
+    for needle in [
+        "PROTO=http (line 2)",
+        "SSL_ENABLE=true (line 3)",
+        "the listener is TLS",
+    ] {
+        assert!(
+            w.message.contains(needle),
+            "`{needle}` not in: {}",
+            w.message
+        );
+    }
+    let loaded = ok(&format!(
+        "{ENDPOINTS}SSL_ENABLE=false\nPROTO=https\nSSL_CERTIFICATE_FILE=/c.pem\n\
+         SSL_PRIVATE_KEY_FILE=/k.pem\n"
+    ));
+    assert!(loaded.config.listen[0].tls, "TLS, as PROTO says");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert_eq!(loaded.warnings[0].line, Some(3));
+    assert!(loaded.warnings[0]
+        .message
+        .contains("PROTO=https (line 3) and SSL_ENABLE=false (line 2)"));
+}
+
+#[test]
+fn a_concurrency_peak_over_the_queue_ceiling_caps_the_queue_with_a_warning() {
+    let loaded = ok(&format!("{ENDPOINTS}CONCURRENCY_PEAK=5000000\n"));
+    assert_eq!(loaded.config.limits.concurrency_peak, 5_000_000);
+    assert_eq!(loaded.config.deferred_queue.capacity, 1_000_000);
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert_eq!(loaded.warnings[0].line, Some(2));
+    assert!(loaded.warnings[0].message.contains("at most 1000000"));
+    let exact = ok(&format!("{ENDPOINTS}CONCURRENCY_PEAK=1000000\n"));
+    assert!(exact.warnings.is_empty(), "{:?}", exact.warnings);
+}
+
+#[test]
+fn validation_findings_point_at_the_key_that_set_the_value() {
+    err_at(
+        &format!(
+            "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_CERTIFICATE_DIR=/acme\n\
+             SSL_AUTO_DOMAIN_NAMES=a.example,*.example\n"
+        ),
+        Some(4),
+        &["SSL_AUTO_DOMAIN_NAMES: tls.acme.domains[1]", "DNS-01"],
+    );
+}
+
+#[test]
+fn keep_alive_timeout_of_zero_or_less_turns_keep_alive_off() {
+    for t in ["0", "-5"] {
+        let c = config(&format!("{ENDPOINTS}KEEP_ALIVE_TIMEOUT={t}\n"));
+        assert_eq!(c.timeouts.keepalive, None, "{t}");
+    }
+}
+
+#[test]
 fn ipv6_listener_addr_gets_brackets() {
     let c = config(&format!("{ENDPOINTS}LISTENER_ADDR=::1\nLISTENER_PORT=81\n"));
     assert_eq!(c.listen[0].addr, "[::1]:81");
@@ -351,7 +454,7 @@ fn warnings_come_only_from_keys_that_turn_something_on() {
     ));
     assert!(served.warnings.is_empty(), "{:?}", served.warnings);
     let loud = ok(&format!(
-        "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\n"
+        "{ENDPOINTS}SSL_AUTO_ENABLE=true\nSSL_AUTO_DOMAIN_NAMES=a.example\nSSL_AUTO_CERTIFICATE_DIR=/acme\n"
     ));
     assert_eq!(loud.warnings.len(), 1, "{:?}", loud.warnings);
     assert_eq!(loud.warnings[0].line, Some(2));

@@ -19,7 +19,10 @@
 
 use std::fmt;
 
+use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 use serde::{Serialize, Serializer};
+
+use super::values::Scalar;
 
 /// The method part of an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +165,38 @@ impl fmt::Display for RequestFormat {
 impl Serialize for RequestFormat {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestFormats {
+    /// A list of entries, or one comma-separated string as in `Q_REQUEST_FORMATS`; `[]`, `""`
+    /// and `~` mean no request. A bad list entry is reported at its own line.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RequestFormats;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of request formats")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(RequestFormats::none())
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                RequestFormats::parse_csv(v).map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let entry = Scalar::new(
+                    "a request format such as `POST /orders`",
+                    RequestFormat::parse,
+                );
+                let mut entries = Vec::new();
+                while let Some(e) = seq.next_element_seed(entry)? {
+                    entries.push(e);
+                }
+                Ok(RequestFormats { entries })
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

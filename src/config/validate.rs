@@ -1,0 +1,266 @@
+//! The rules that involve more than one value, in one pass over a whole [`Config`]: both
+//! readers run it after building the config, so a YAML file and an sq.properties file are held
+//! to the same rules, and so is a config the runtime later builds its state from.
+//!
+//! A finding names the native key it is about ([`Finding::at`]); each reader turns that into a
+//! line of its own file (yaml.rs finds the key in the text; properties.rs maps it to the
+//! sq.properties key that set it).
+
+use std::fmt;
+
+use super::units::format_size;
+use super::values::{check_header, host_port, is_host_name};
+use super::{Config, Limits, QueueConfig, Scheme, ACME_NEEDS_PLAIN_LISTENER};
+
+/// One step of a key path: a map key or a list index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Name(String),
+    Index(usize),
+}
+
+/// A broken rule (or a warning) and the native key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// E.g. `[tls, acme, cache_dir]` or `[upstreams, 2]`.
+    pub at: Vec<Key>,
+    /// What is wrong, without the key (the reader puts its own name for it in front).
+    pub message: String,
+}
+
+impl Finding {
+    fn new(at: Vec<Key>, message: impl Into<String>) -> Self {
+        Finding {
+            at,
+            message: message.into(),
+        }
+    }
+
+    /// The key path as written in YAML terms: `tls.acme.cache_dir`, `upstreams[2]`.
+    pub fn path(&self) -> String {
+        let mut out = String::new();
+        for k in &self.at {
+            match k {
+                Key::Name(n) if out.is_empty() => out.push_str(n),
+                Key::Name(n) => {
+                    out.push('.');
+                    out.push_str(n);
+                }
+                Key::Index(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path(), self.message)
+    }
+}
+
+/// `at!("tls", "acme")`, `at!("upstreams"; 2)`.
+macro_rules! at {
+    ($($name:expr),+) => { vec![$(Key::Name($name.to_string())),+] };
+    ($($name:expr),+; $index:expr) => { vec![$(Key::Name($name.to_string())),+, Key::Index($index)] };
+}
+
+impl Config {
+    /// Checks the rules between values; `Ok` carries the warnings (accepted, but worth saying).
+    pub fn validate(&self) -> Result<Vec<Finding>, Finding> {
+        let mut warnings = Vec::new();
+        self.check_listeners(&mut warnings)?;
+        self.check_tls(&mut warnings)?;
+        self.check_upstreams(&mut warnings)?;
+        self.check_response_headers()?;
+        self.check_bounds()?;
+        Ok(warnings)
+    }
+
+    /// Values that would make weir allocate more than a machine has.
+    fn check_bounds(&self) -> Result<(), Finding> {
+        for (name, q) in [
+            ("deferred_queue", &self.deferred_queue),
+            ("upfront_queue", &self.upfront_queue),
+        ] {
+            if q.capacity > QueueConfig::MAX_CAPACITY {
+                return Err(Finding::new(
+                    at!(name, "capacity"),
+                    format!(
+                        "{} is more than the maximum of {} entries (a bound on the memory a \
+                         full queue may hold)",
+                        q.capacity,
+                        QueueConfig::MAX_CAPACITY
+                    ),
+                ));
+            }
+        }
+        let body = self.limits.max_buffered_body;
+        if body > Limits::MAX_BUFFERED_BODY {
+            return Err(Finding::new(
+                at!("limits", "max_buffered_body"),
+                format!(
+                    "{} is more than the maximum of {} (every request in flight may hold a \
+                     body this size in memory)",
+                    format_size(body),
+                    format_size(Limits::MAX_BUFFERED_BODY)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_listeners(&self, warnings: &mut Vec<Finding>) -> Result<(), Finding> {
+        if self.listen.is_empty() {
+            return Err(Finding::new(
+                at!("listen"),
+                "at least one address is needed",
+            ));
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if self.listen[..i].iter().any(|o| o.addr == l.addr) {
+                return Err(Finding::new(
+                    at!("listen"; i),
+                    format!("`{}` is listed twice", l.addr),
+                ));
+            }
+            if l.tls && self.tls.is_none() {
+                return Err(Finding::new(
+                    at!("listen"; i),
+                    format!(
+                        "`{}` has `tls: true` but there is no `tls` block (cert and key, or acme)",
+                        l.addr
+                    ),
+                ));
+            }
+        }
+        if self.tls.is_some() && !self.listen.iter().any(|l| l.tls) {
+            warnings.push(Finding::new(
+                at!("tls"),
+                "a `tls` block is configured but every listener says `tls: false`",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_tls(&self, warnings: &mut Vec<Finding>) -> Result<(), Finding> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => {
+                return Err(Finding::new(at!("tls", "cert"), "tls.key is missing"));
+            }
+            (None, Some(_)) => {
+                return Err(Finding::new(at!("tls", "key"), "tls.cert is missing"));
+            }
+            (None, None) if tls.acme.is_none() => {
+                return Err(Finding::new(
+                    at!("tls"),
+                    "tls needs `cert` and `key`, or an `acme` block",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(acme) = &tls.acme {
+            if acme.domains.is_empty() {
+                return Err(Finding::new(
+                    at!("tls", "acme", "domains"),
+                    "must list at least one domain",
+                ));
+            }
+            for (i, d) in acme.domains.iter().enumerate() {
+                let why = if d.starts_with("*.") {
+                    "is a wildcard, which ACME issues only through the DNS-01 challenge; weir \
+                     answers HTTP-01"
+                } else if !is_host_name(d) || d.parse::<std::net::IpAddr>().is_ok() {
+                    "is not a DNS name"
+                } else {
+                    continue;
+                };
+                return Err(Finding::new(
+                    at!("tls", "acme", "domains"; i),
+                    format!("`{d}` {why}"),
+                ));
+            }
+            if let Some(dir) = &acme.directory {
+                if !(dir.starts_with("https://") || dir.starts_with("http://")) {
+                    return Err(Finding::new(
+                        at!("tls", "acme", "directory"),
+                        format!("`{dir}` is not an http(s):// URL of an ACME directory"),
+                    ));
+                }
+            }
+            if acme.cache_dir.is_none() {
+                return Err(Finding::new(
+                    at!("tls", "acme", "cache_dir"),
+                    "required (the directory where the ACME account, certificate and key are kept)",
+                ));
+            }
+            if self.listen.iter().all(|l| l.tls) {
+                warnings.push(Finding::new(at!("tls", "acme"), ACME_NEEDS_PLAIN_LISTENER));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_upstreams(&self, warnings: &mut Vec<Finding>) -> Result<(), Finding> {
+        if self.upstreams.is_empty() {
+            return Err(Finding::new(at!("upstreams"), "no upstreams configured"));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if self.upstreams[..i].iter().any(|o| o.url == u.url) {
+                return Err(Finding::new(
+                    at!("upstreams"; i),
+                    format!("upstream `{}` is listed twice", u.url),
+                ));
+            }
+            // `upstream_host: rewrite` sends this as the Host header.
+            let host = host_port(&u.host, u.port);
+            if http::HeaderValue::from_str(&host).is_err() {
+                return Err(Finding::new(
+                    at!("upstreams"; i),
+                    format!("`{host}` is not a valid Host header"),
+                ));
+            }
+            if u.scheme == Scheme::Https && !u.tls_verify {
+                warnings.push(Finding::new(
+                    at!("upstreams"; i),
+                    format!(
+                        "upstream {}: tls_verify: false, its certificate is not checked (anyone on the path can impersonate it)",
+                        u.url
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_response_headers(&self) -> Result<(), Finding> {
+        for (i, (name, value)) in self.response_headers.iter().enumerate() {
+            let here = || at!("response_headers", name);
+            check_header(name, value).map_err(|why| Finding::new(here(), why))?;
+            let earlier = &self.response_headers[..i];
+            if earlier.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                return Err(Finding::new(
+                    here(),
+                    format!("response header `{name}` is set twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_print_in_yaml_terms() {
+        let f = Finding::new(at!("upstreams"; 2), "x");
+        assert_eq!(f.path(), "upstreams[2]");
+        let f = Finding::new(at!("tls", "acme", "cache_dir"), "x");
+        assert_eq!(f.to_string(), "tls.acme.cache_dir: x");
+    }
+}
