@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::client::{self, Request, Response};
 use super::metrics::Metrics;
+use super::ports::two_free_ports;
 use super::upstream::Upstream;
 
 /// The weir binary under test.
@@ -190,16 +191,6 @@ impl GatewayBuilder {
 enum StartError {
     PortTaken(String),
     Failed(String),
-}
-
-/// Two distinct ports that were free a moment ago.
-fn two_free_ports() -> (SocketAddr, SocketAddr) {
-    let a = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let b = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    (
-        a.local_addr().expect("local addr"),
-        b.local_addr().expect("local addr"),
-    )
 }
 
 fn fill(template: &str, ports: &Ports) -> String {
