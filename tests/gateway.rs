@@ -9,12 +9,21 @@ use support::{md5_hex, random_body, Gateway, Request, Upstream};
 
 const ATTEMPTS: &str = "weir_upstream_attempts_total";
 
+/// Error scores that do not fade during the test: how many attempts a failing node gets is
+/// then a matter of request counts alone, not of how long a loaded machine takes to send them
+/// (with the default 10 s half-life a slow run gives the node its share back more often).
+const NO_DECAY: &str = "routing: {decay_half_life: 1h}";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refused_node_of_three_takes_only_a_few_first_attempts() {
     let a = Upstream::start("a").await;
     let dead = Upstream::start_down("dead").await;
     let b = Upstream::start("b").await;
-    let gw = Gateway::builder().upstreams([&a, &dead, &b]).start().await;
+    let gw = Gateway::builder()
+        .upstreams([&a, &dead, &b])
+        .yaml(NO_DECAY)
+        .start()
+        .await;
 
     for i in 0..300 {
         let resp = gw.get(&format!("/item/{i}")).await;
@@ -44,7 +53,11 @@ async fn node_answering_503_is_retried_and_loses_its_share() {
     let sick = Upstream::start("sick").await;
     sick.status(503);
     let b = Upstream::start("b").await;
-    let gw = Gateway::builder().upstreams([&a, &sick, &b]).start().await;
+    let gw = Gateway::builder()
+        .upstreams([&a, &sick, &b])
+        .yaml(NO_DECAY)
+        .start()
+        .await;
 
     for i in 0..300 {
         let resp = gw.get(&format!("/item/{i}")).await;
