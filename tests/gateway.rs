@@ -309,8 +309,8 @@ async fn hung_node_loses_traffic_before_its_timeout_fires() {
     }
     a.wait_for_count(a.count().max(warm / 2) + 40, Duration::from_secs(10))
         .await;
-    hung.hang();
-    let before = hung.count();
+    // Requests counted before the switch were answered; every later one hangs.
+    let before = hung.switch(support::Behaviour::Hang);
     for c in clients {
         c.await.expect("client task");
     }
