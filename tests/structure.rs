@@ -100,9 +100,10 @@ async fn a_post_that_meets_a_stale_pooled_connection_is_not_resent_and_gets_weir
     let pooled = pool_a_connection(&gw, &a, Request::get("/warm")).await;
 
     let resp = gw.send(&Request::post("/stale-post", "once")).await;
-    let id = resp.header("x-request-id").unwrap_or("").to_string();
-    let line = gw.access_line(&id).await;
     resp.assert_sq_msg(503, "Service Unavailable");
+    let line = gw
+        .access_line(resp.header("x-request-id").unwrap_or(""))
+        .await;
     let dropped = a.dropped();
     assert_eq!(
         dropped
