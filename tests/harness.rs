@@ -113,3 +113,48 @@ async fn down_refuses_connections_and_up_listens_again() {
         200
     );
 }
+
+#[tokio::test]
+async fn close_on_reuse_answers_a_connections_first_request_and_drops_the_next() {
+    let up = Upstream::start("a").await;
+    up.close_on_reuse();
+    let mut c = support::Client::connect(up.addr()).await.expect("connect");
+    let first = c.send(&Request::get("/first")).await.expect("first");
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("connection"), None, "kept alive");
+    let err = c
+        .send(&Request::post("/second", "x"))
+        .await
+        .expect_err("closed unanswered");
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+    // New connections are served as usual.
+    let fresh = send(up.addr(), &Request::get("/fresh"))
+        .await
+        .expect("fresh");
+    assert_eq!(fresh.status, 200);
+
+    // stop_listening refuses new connections but leaves open ones to the behaviour.
+    let mut kept = support::Client::connect(up.addr()).await.expect("connect");
+    assert_eq!(
+        kept.send(&Request::get("/k1")).await.expect("k1").status,
+        200
+    );
+    up.stop_listening().await;
+    let refused = tokio::net::TcpStream::connect(up.addr())
+        .await
+        .expect_err("not listening");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(kept.send(&Request::get("/k2")).await.is_err());
+
+    let seen = |reqs: Vec<support::Received>| -> Vec<(String, usize)> {
+        reqs.into_iter().map(|r| (r.target, r.connection)).collect()
+    };
+    let s = |t: &str, c: usize| (t.to_string(), c);
+    assert_eq!(
+        seen(up.requests()),
+        [s("/first", 0), s("/fresh", 1), s("/k1", 2)]
+    );
+    assert_eq!(seen(up.dropped()), [s("/second", 0), s("/k2", 2)]);
+    assert_eq!(up.dropped()[0].body, b"x", "read whole before the close");
+    assert_eq!(up.count(), 3, "dropped requests are not counted");
+}

@@ -273,12 +273,14 @@ async fn idle_client_connection_is_closed_after_the_keepalive_timeout() {
         .yaml("timeouts: {keepalive: 1s}")
         .start()
         .await;
+    // Measured from before the request, so the lower bound holds however slow the exchange;
+    // the upper one leaves a loaded machine room and is still far below the 120 s default.
     let started = std::time::Instant::now();
-    // Reads until the server closes the idle connection (or 6 s pass).
+    // Reads until the server closes the idle connection (or 15 s pass).
     let raw = support::client::exchange_raw(
         gw.addr(),
         b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n",
-        Duration::from_secs(6),
+        Duration::from_secs(15),
     )
     .await
     .expect("exchange");
@@ -289,7 +291,7 @@ async fn idle_client_connection_is_closed_after_the_keepalive_timeout() {
         String::from_utf8_lossy(&raw)
     );
     assert!(
-        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(10),
         "connection closed after {idle:?}"
     );
 }

@@ -79,6 +79,7 @@ async fn upgrade(gw: &Gateway) -> std::process::Child {
     let successor = Command::new(support::WEIR)
         .args(["run", "-u", "-c"])
         .arg(gw.config_path())
+        .current_dir(gw.dir())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -93,16 +94,6 @@ async fn upgrade(gw: &Gateway) -> std::process::Child {
     .await;
     gw.signal("QUIT");
     successor
-}
-
-fn yaml_with_upstreams(text: &str, urls: &[String]) -> String {
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(text).expect("config is YAML");
-    doc["upstreams"] = serde_yaml::Value::Sequence(
-        urls.iter()
-            .map(|u| serde_yaml::Value::String(u.clone()))
-            .collect(),
-    );
-    serde_yaml::to_string(&doc).expect("serialise")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +125,7 @@ async fn weir_reload_command_signals_the_running_process() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let gw = Gateway::builder().upstream(&a).start().await;
-    let new = yaml_with_upstreams(gw.config_text(), &[b.url()]);
+    let new = support::gateway::with_upstreams(gw.config_text(), &[b.url()]);
     std::fs::write(gw.config_path(), new).expect("rewrite config");
     let out = support::run_weir(
         &["reload", "-c", &gw.config_path().to_string_lossy()],
@@ -175,7 +166,7 @@ async fn reload_then_upgrade_under_load_lose_no_request() {
     .await;
 
     // (a) Reload: a fourth node joins, the first leaves.
-    let new = yaml_with_upstreams(gw.config_text(), &[b.url(), c.url(), d.url()]);
+    let new = support::gateway::with_upstreams(gw.config_text(), &[b.url(), c.url(), d.url()]);
     std::fs::write(gw.config_path(), new).expect("rewrite config");
     gw.reload("ok").await;
     wait_until("the added node's traffic", Duration::from_secs(10), || {

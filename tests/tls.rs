@@ -3,86 +3,18 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 
+use support::pki::{tls_yaml, Issued, Pki};
 use support::{run_weir, Gateway, Upstream};
-
-/// A test CA and the files of the certificates it signs.
-struct Pki {
-    dir: TempDir,
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-/// One issued certificate: its PEM files and the leaf's DER (to compare with what is served).
-struct Issued {
-    cert: PathBuf,
-    key: PathBuf,
-    der: Vec<u8>,
-    key_der: Vec<u8>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::Builder::new()
-            .prefix("weir-tls-")
-            .tempdir()
-            .expect("tempdir");
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "weir test CA");
-        let ca = params.self_signed(&ca_key).expect("self-sign the CA");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write ca.pem");
-        Pki { dir, ca, ca_key }
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A leaf for `localhost` written as `{name}.pem` / `{name}.key` (full chain: leaf, CA).
-    fn issue(&self, name: &str) -> Issued {
-        let key = KeyPair::generate().expect("leaf key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("weir test {name}"));
-        let leaf = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("sign the leaf");
-        let issued = Issued {
-            cert: self.dir.path().join(format!("{name}.pem")),
-            key: self.dir.path().join(format!("{name}.key")),
-            der: leaf.der().to_vec(),
-            key_der: key.serialize_der(),
-        };
-        std::fs::write(&issued.cert, format!("{}{}", leaf.pem(), self.ca.pem())).expect("write");
-        std::fs::write(&issued.key, key.serialize_pem()).expect("write key");
-        issued
-    }
-}
-
-fn tls_yaml(cert: &Path, key: &Path) -> String {
-    format!(
-        "tls: {{cert: '{}', key: '{}'}}\n",
-        cert.display(),
-        key.display()
-    )
-}
 
 /// Runs curl against the gateway's listener as `localhost` (the certificate's name).
 async fn curl(gw: &Gateway, ca: &Path, args: &[&str], path: &str) -> Output {

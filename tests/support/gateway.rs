@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -26,13 +26,14 @@ use tokio::time::Instant;
 
 use super::client::{self, Request, Response};
 use super::metrics::Metrics;
+use super::ports::two_free_ports;
 use super::upstream::Upstream;
 
 /// The weir binary under test.
 pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
 /// How long a gateway may take to answer `/healthz` (debug build, loaded 2-core machine).
-pub const READY_DEADLINE: Duration = Duration::from_secs(15);
+pub const READY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What every test gateway starts from. `{dir}`, `{listen}` and `{admin}` are filled in.
 /// The deferred queue is off so that failures surface as the plain 502/503/504 answers.
@@ -81,9 +82,18 @@ pub struct GatewayBuilder {
     source: Source,
     /// Extra environment of the weir process (e.g. SSL_CERT_FILE for a test CA).
     env: Vec<(String, String)>,
+    /// The weir process's working directory (default: the gateway's tempdir).
+    cwd: Option<PathBuf>,
 }
 
 impl GatewayBuilder {
+    /// Runs weir in `dir` instead of the gateway's own tempdir (which still holds the config
+    /// and the captured stdout/stderr).
+    pub fn current_dir(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
     /// Sets an environment variable of the weir process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -167,7 +177,7 @@ impl GatewayBuilder {
             .arg("run")
             .arg("-c")
             .arg(&config_path)
-            .current_dir(dir.path())
+            .current_dir(self.cwd.as_deref().unwrap_or(dir.path()))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).expect("create stdout.log"))
@@ -192,16 +202,6 @@ enum StartError {
     Failed(String),
 }
 
-/// Two distinct ports that were free a moment ago.
-fn two_free_ports() -> (SocketAddr, SocketAddr) {
-    let a = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let b = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    (
-        a.local_addr().expect("local addr"),
-        b.local_addr().expect("local addr"),
-    )
-}
-
 fn fill(template: &str, ports: &Ports) -> String {
     template
         .replace("{listen}", &ports.listen.to_string())
@@ -222,6 +222,13 @@ fn compose_yaml(ports: &Ports, upstreams: &[String], fragments: &[String]) -> St
         merge(&mut config, overlay);
     }
     serde_yaml::to_string(&config).expect("serialise the test config")
+}
+
+/// `text` (a YAML config) with its `upstreams` replaced by `urls`.
+pub fn with_upstreams(text: &str, urls: &[String]) -> String {
+    let mut doc: Value = serde_yaml::from_str(text).expect("config is YAML");
+    doc["upstreams"] = Value::Sequence(urls.iter().cloned().map(Value::String).collect());
+    serde_yaml::to_string(&doc).expect("serialise")
 }
 
 /// Deep merge: mappings merge key by key, everything else is replaced by the overlay.
@@ -260,6 +267,7 @@ impl Gateway {
                 fragments: Vec::new(),
             },
             env: Vec::new(),
+            cwd: None,
         }
     }
 
@@ -275,6 +283,7 @@ impl Gateway {
                 text: Box::new(text),
             },
             env: Vec::new(),
+            cwd: None,
         }
     }
 
@@ -379,6 +388,61 @@ impl Gateway {
         )
     }
 
+    /// What the child wrote to stdout so far (the access log, with `log.access: stdout`).
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
+    /// What the child wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// The JSON access-log lines on stdout so far.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.is_object())
+            .collect()
+    }
+
+    /// Waits (bounded) for the access-log line of the request whose `id` (X-Request-Id) is
+    /// `id`; the line is written by the logging hook, just after the response went out.
+    pub async fn access_line(&self, id: &str) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.access_lines().into_iter().find(|l| l["id"] == id) {
+                return line;
+            }
+            assert!(
+                Instant::now() < end,
+                "no access-log line with id {id:?} within 10 s\n{}",
+                self.logs()
+            );
+            // The log is written by another process: poll its file.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until stderr contains `needle`; returns all of stderr.
+    pub async fn wait_for_stderr(&self, needle: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.stderr_text();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < end,
+                "no {needle:?} on weir's stderr within 10 s\n{}",
+                self.logs()
+            );
+            // The log is written by another process: poll its file.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "--- config {} ---\n{}\n{}",
@@ -424,9 +488,6 @@ impl Gateway {
         Metrics::parse(&resp.text())
     }
 
-    /// Scrapes `/metrics` until `ok` holds for the sum of `name{labels}` (missing = 0), bounded by
-    /// `deadline`; counters are updated when a request is logged, which may be just after the
-    /// client saw the response. Returns the last value.
     /// Sends SIGHUP and waits (bounded) until the reload is counted with `result` (`ok` or
     /// `rejected`) in `weir_config_reloads_total`.
     pub async fn reload(&self, result: &str) {
@@ -450,6 +511,9 @@ impl Gateway {
         .await;
     }
 
+    /// Scrapes `/metrics` until `ok` holds for the sum of `name{labels}` (missing = 0), bounded by
+    /// `deadline`; counters are updated when a request is logged, which may be just after the
+    /// client saw the response. Returns the last value.
     pub async fn wait_for_metric(
         &self,
         name: &str,

@@ -1,7 +1,8 @@
 //! Shared harness for weir's integration tests: test upstreams whose behaviour switches at
 //! runtime ([`upstream`]), a spawner for the real `weir` binary ([`gateway`]), a raw HTTP/1.1
-//! client ([`client`]), a Prometheus text parser ([`metrics`]) and the external tools some tests
-//! drive: promtool, a Prometheus server, headless Chromium ([`tools`]).
+//! client ([`client`]), a Prometheus text parser ([`metrics`]), a test CA ([`pki`]), loopback
+//! ports to name before binding ([`ports`]) and the external tools some tests drive: promtool,
+//! a Prometheus server, headless Chromium ([`tools`]).
 //!
 //! Every test file uses it with `mod support;`; not every file uses every item.
 #![allow(dead_code, unused_imports)]
@@ -9,6 +10,8 @@
 pub mod client;
 pub mod gateway;
 pub mod metrics;
+pub mod pki;
+pub mod ports;
 pub mod tools;
 pub mod upstream;
 pub mod wire;

@@ -2,7 +2,7 @@
 //! headless Chromium (Debian packages `prometheus` and `chromium`; `scripts/deps` installs
 //! them). A missing tool fails the test with the package to install; it never passes silently.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,12 +29,7 @@ pub fn require(path: &str, package: &str) -> PathBuf {
     PathBuf::from(path)
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-}
+pub use super::ports::free_port;
 
 /// Percent-encodes a query parameter value.
 pub fn url_encode(s: &str) -> String {

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! A request is recorded once its head and whole body were read, before the behaviour acts, so
-//! a `reset`, `close` or `hang` node still shows what it was sent.
+//! a `reset`, `close` or `hang` node still shows what it was sent. The one exception is
+//! [`Behaviour::CloseOnReuse`]: a request it drops unanswered on a reused connection is kept
+//! apart, in [`Upstream::dropped`], so that `count`/`requests` are what the node answered.
 //!
 //! Every echo response (answer, status, delay, hold) carries `X-Node`, `X-Seen-Method`,
 //! `X-Seen-Target`, `X-Body-Len` and `X-Body-Md5` headers and a JSON body
@@ -47,6 +49,14 @@ pub enum Behaviour {
     Delay(Duration),
     /// Answer bytes that are not HTTP, then close.
     Garbage,
+    /// A stale keep-alive connection, deterministically: the first request on a connection is
+    /// answered like [`Behaviour::Answer`] (keep-alive, no `Connection: close`); a later request
+    /// on that same connection is read (head and body, recorded in [`Upstream::dropped`], not
+    /// in `requests`) and the socket is then closed cleanly without a response byte. A gateway
+    /// that pooled the connection meets what Pingora calls a reused-connection error
+    /// (`ConnectionClosed`, `RetryType::ReusedOnly`, `client_reused = true`). New connections
+    /// are served as usual; with [`Upstream::stop_listening`] they are refused instead.
+    CloseOnReuse,
 }
 
 /// One request as an upstream received it.
@@ -58,6 +68,8 @@ pub struct Received {
     pub version: u8,
     pub headers: Headers,
     pub body: Vec<u8>,
+    /// Which connection it came on: numbered from 0 in accept order, per upstream.
+    pub connection: usize,
 }
 
 impl Received {
@@ -82,7 +94,11 @@ struct Shared {
     addr: SocketAddr,
     behaviour: Mutex<Behaviour>,
     received: Mutex<Vec<Received>>,
+    /// Requests read and dropped unanswered by [`Behaviour::CloseOnReuse`].
+    dropped: Mutex<Vec<Received>>,
     count: watch::Sender<usize>,
+    /// Connections accepted so far (the next connection's number).
+    accepted: std::sync::atomic::AtomicUsize,
     released: watch::Sender<bool>,
     connections: Mutex<Vec<AbortHandle>>,
 }
@@ -109,7 +125,9 @@ impl Upstream {
             addr,
             behaviour: Mutex::new(Behaviour::Answer),
             received: Mutex::new(Vec::new()),
+            dropped: Mutex::new(Vec::new()),
             count: watch::Sender::new(0),
+            accepted: std::sync::atomic::AtomicUsize::new(0),
             released: watch::Sender::new(false),
             connections: Mutex::new(Vec::new()),
         });
@@ -145,10 +163,19 @@ impl Upstream {
     }
 
     pub fn set(&self, behaviour: Behaviour) {
+        self.switch(behaviour);
+    }
+
+    /// Sets the behaviour and returns how many requests were counted before the switch: every
+    /// one of them met the old behaviour, every later one meets the new (while traffic flows,
+    /// `set` followed by `count` could count requests that already met the new behaviour).
+    pub fn switch(&self, behaviour: Behaviour) -> usize {
         if behaviour == Behaviour::Hold {
             self.shared.released.send_replace(false);
         }
-        *lock(&self.shared.behaviour) = behaviour;
+        let mut current = lock(&self.shared.behaviour);
+        *current = behaviour;
+        self.count()
     }
 
     pub fn answer(&self) {
@@ -183,6 +210,10 @@ impl Upstream {
         self.set(Behaviour::Garbage)
     }
 
+    pub fn close_on_reuse(&self) {
+        self.set(Behaviour::CloseOnReuse)
+    }
+
     /// Lets every request held by [`Behaviour::Hold`] (now or later, until the next `hold`) answer.
     pub fn release(&self) {
         self.shared.released.send_replace(true);
@@ -199,6 +230,18 @@ impl Upstream {
         let connections: Vec<_> = lock(&self.shared.connections).drain(..).collect();
         for conn in connections {
             conn.abort();
+        }
+    }
+
+    /// Stops listening, like [`Upstream::down`], but leaves the connections already open as
+    /// they are: a node that went away while a gateway still holds one of its keep-alive
+    /// connections in its pool (with [`Behaviour::CloseOnReuse`], that connection closes when
+    /// the gateway next uses it). Once this returns, connects are refused.
+    pub async fn stop_listening(&self) {
+        let accept = lock(&self.accept).take();
+        if let Some(task) = accept {
+            task.abort();
+            let _ = task.await;
         }
     }
 
@@ -221,6 +264,11 @@ impl Upstream {
 
     pub fn requests(&self) -> Vec<Received> {
         lock(&self.shared.received).clone()
+    }
+
+    /// Requests [`Behaviour::CloseOnReuse`] read on a reused connection and dropped unanswered.
+    pub fn dropped(&self) -> Vec<Received> {
+        lock(&self.shared.dropped).clone()
     }
 
     /// Waits (bounded by `deadline`) until at least `n` requests were received.
@@ -273,7 +321,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let connection = shared
+        .accepted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut wire = Wire::new(stream);
+    let mut answered_here = 0usize;
     loop {
         let head = match wire.read_request_head().await {
             Ok(Some(head)) => head,
@@ -288,17 +340,33 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             version: head.version,
             headers: head.headers,
             body,
+            connection,
         };
-        let behaviour = lock(&shared.behaviour).clone();
+        // Recorded under the behaviour lock, so that [`Upstream::switch`] splits the requests
+        // exactly into those counted before it (old behaviour) and after it (new behaviour).
+        let behaviour = {
+            let behaviour = lock(&shared.behaviour);
+            if *behaviour == Behaviour::CloseOnReuse && answered_here > 0 {
+                lock(&shared.dropped).push(received.clone());
+            } else {
+                lock(&shared.received).push(received.clone());
+                shared.count.send_modify(|c| *c += 1);
+            }
+            behaviour.clone()
+        };
+        if behaviour == Behaviour::CloseOnReuse && answered_here > 0 {
+            // Everything the gateway sent was read, so the close is a clean FIN, not a reset.
+            use tokio::io::AsyncWriteExt;
+            let _ = wire.stream.shutdown().await;
+            return;
+        }
         let keep_alive = received.version >= 1
             && !received
                 .header("connection")
                 .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
-        lock(&shared.received).push(received.clone());
-        shared.count.send_modify(|c| *c += 1);
 
         let response = match behaviour {
-            Behaviour::Answer => echo(&shared.name, &received, 200, &[]),
+            Behaviour::Answer | Behaviour::CloseOnReuse => echo(&shared.name, &received, 200, &[]),
             Behaviour::Status(code) => echo(&shared.name, &received, code, &[]),
             Behaviour::Respond { status, headers } => {
                 echo(&shared.name, &received, status, &headers)
@@ -337,6 +405,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         if wire.write_all(&response).await.is_err() || !keep_alive {
             return;
         }
+        answered_here += 1;
     }
 }
 
