@@ -7,8 +7,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::header::HeaderValue;
-use weir::metrics::{Metrics, Outcome, RetryReason};
 use weir::forward::trace::{new_traceparent, valid_traceparent};
+use weir::metrics::{Metrics, Outcome, RetryReason};
 
 fn recording(c: &mut Criterion) {
     let metrics = Metrics::new();

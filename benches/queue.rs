@@ -1,6 +1,7 @@
 //! The queue's hot path and footprint: push + take + finish on the lock-free memory store,
 //! single-threaded and with 2 producers + 1 consumer, and the bytes of memory one queued request
-//! with a 1 KiB body costs (counted by a wrapping global allocator, plus the ring slot).
+//! with a 1 KiB body costs (counted by a wrapping global allocator: the entry's bytes and its
+//! share of the queue's blocks).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -140,11 +141,11 @@ fn memory_per_request(_c: &mut Criterion) {
     let per_entry = entries as f64 / N as f64;
     let per_slot = empty_queue as f64 / N as f64;
     println!(
-        "queue/memory_per_request_1KiB_body: {:.0} B heap per entry (1024 B body) + {:.0} B \
-         preallocated ring slot = {:.0} B; struct {} B",
+        "queue/memory_per_request_1KiB_body: {:.0} B heap per entry (1024 B body, its block \
+         share included); an empty queue of capacity {N}: {empty_queue} B ({:.2} B per unit of \
+         capacity); struct {} B",
         per_entry,
         per_slot,
-        per_entry + per_slot,
         std::mem::size_of::<QueuedRequest>()
     );
     black_box(&q);

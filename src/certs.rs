@@ -128,4 +128,3 @@ pub fn load_upstream_ca(path: &Path) -> Result<Arc<[WrappedX509]>, String> {
         .collect();
     Ok(Arc::from(wrapped))
 }
-

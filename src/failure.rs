@@ -143,7 +143,6 @@ pub fn stale_unsent() -> Box<Error> {
 }
 
 impl Failure {
-
     /// Index into [`ATTEMPT_RESULTS`].
     pub fn result_index(self) -> usize {
         match self {
@@ -211,7 +210,10 @@ mod tests {
             classify(&timed_out, Phase::Connect),
             node(Failure::ConnectTimeout)
         );
-        assert_eq!(classify(&tls, Phase::Connect), node(Failure::ConnectRefused));
+        assert_eq!(
+            classify(&tls, Phase::Connect),
+            node(Failure::ConnectRefused)
+        );
         assert!(Failure::ConnectRefused.nothing_sent());
         assert!(!Failure::Timeout.nothing_sent());
     }
@@ -247,10 +249,7 @@ mod tests {
             AttemptError::Stale { unsent: false }
         );
         // The same close on a fresh connection is the node's.
-        assert_eq!(
-            classify(&closed, FRESH),
-            AttemptError::Node(Failure::Reset)
-        );
+        assert_eq!(classify(&closed, FRESH), AttemptError::Node(Failure::Reset));
         assert_eq!(
             classify(&stale_unsent(), Phase::Exchange { reused: true }),
             AttemptError::Stale { unsent: true }

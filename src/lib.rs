@@ -16,40 +16,40 @@
 //! server, demo               the assembled Pingora server; `weir demo`
 //! ```
 
-/// The typed config and its two readers (native YAML, ServiceQ sq.properties).
-pub mod config;
-/// Error-feedback routing: pure logic, injected clock.
-pub mod routing;
-/// The one failure taxonomy: every upstream error classified once.
-pub mod failure;
-/// Every exported metric, in one place.
-pub mod metrics;
-/// Access log and ServiceQ-shaped error log, written off the request path.
-pub mod logs;
-/// The certificates the TLS listeners serve (files and ACME), and PEM readers.
-pub mod certs;
-/// The running state built from one config: nodes, peers, router.
-pub mod runtime;
-/// The forwarding policy: the head of every upstream request, live or replayed.
-pub mod forward;
-/// The deferred and upfront queues: store, replay, delivery.
-pub mod queue;
-/// TLS listeners: settings and the live certificate resolver.
-pub mod tls;
 /// ACME: obtains and renews the listeners' certificate (HTTP-01).
 pub mod acme;
-/// The `ProxyHttp` implementation, one file per stage.
-pub mod proxy;
 /// Admin listener: status page, /status.json, /metrics, /healthz, /queue.
 pub mod admin;
-/// The live status page and its JSON (`GET /`, `GET /status.json` on the admin listener).
-pub mod status;
-/// Config reload: read, validate, swap atomically (SIGHUP, `weir reload`).
-pub mod reload;
-/// Assembles the Pingora server and its services.
-pub mod server;
+/// The certificates the TLS listeners serve (files and ACME), and PEM readers.
+pub mod certs;
+/// The typed config and its two readers (native YAML, ServiceQ sq.properties).
+pub mod config;
 /// `weir demo`: local upstreams (one flapping) plus the gateway.
 pub mod demo;
+/// The one failure taxonomy: every upstream error classified once.
+pub mod failure;
+/// The forwarding policy: the head of every upstream request, live or replayed.
+pub mod forward;
+/// Access log and ServiceQ-shaped error log, written off the request path.
+pub mod logs;
+/// Every exported metric, in one place.
+pub mod metrics;
+/// The `ProxyHttp` implementation, one file per stage.
+pub mod proxy;
+/// The deferred and upfront queues: store, replay, delivery.
+pub mod queue;
+/// Config reload: read, validate, swap atomically (SIGHUP, `weir reload`).
+pub mod reload;
+/// Error-feedback routing: pure logic, injected clock.
+pub mod routing;
+/// The running state built from one config: nodes, peers, router.
+pub mod runtime;
+/// Assembles the Pingora server and its services.
+pub mod server;
+/// The live status page and its JSON (`GET /`, `GET /status.json` on the admin listener).
+pub mod status;
+/// TLS listeners: settings and the live certificate resolver.
+pub mod tls;
 
 /// Process-wide logger for weir's own diagnostics (stderr), at the configured level.
 pub fn init_logging(level: &str) {

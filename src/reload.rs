@@ -19,8 +19,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{Config, Listener};
 use crate::certs;
+use crate::config::{Config, Listener};
 use crate::proxy::Gateway;
 use crate::runtime::Runtime;
 

@@ -201,4 +201,3 @@ fn peer_for(u: &Upstream, config: &Config) -> Result<HttpPeer, String> {
     }
     Ok(peer)
 }
-

@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::metrics::{Counts, QueueTotals, Totals};
 use crate::failure::ATTEMPT_RESULTS;
+use crate::metrics::{Counts, QueueTotals, Totals};
 use crate::proxy::Gateway;
 use crate::routing::Algorithm;
 

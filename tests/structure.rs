@@ -21,12 +21,12 @@
 //!   response (`503 Service Unavailable`, as for a reset), with the attempt counted (access
 //!   log `attempts: 1`, `upstream`: the node) — never the `502` with `attempts: 0` and
 //!   `upstream: null` of a failure nobody recorded;
-//! - the CI failure (the last node gone while weir holds a pooled connection to it, deferred
-//!   queue on): the contract given for a total outage is `503 Request Buffered` and exactly
-//!   one delivery once the node is back (the stale socket read the POST and dropped it
-//!   unanswered, see `Upstream::dropped`). With the case above, that means: after a stale
-//!   pooled connection, a request that is not replay-safe is not sent again live, but it may
-//!   be queued, and the queue delivers it once a node answers again.
+//! - the CI failure (the last node went down, closing its connections, while weir held one of
+//!   them in its pool; deferred queue on): the close came before the POST, so nothing of the
+//!   POST was written to it. Pingora's own reuse test misses such a close when tokio has not
+//!   yet seen the socket readable (a busy machine); weir peeks the socket itself before
+//!   writing (`connected_to_upstream`), so the POST goes out on a fresh connection, is refused
+//!   like every attempt, and is buffered (`503 Request Buffered`), then delivered once.
 
 mod support;
 
@@ -125,18 +125,18 @@ async fn a_post_that_meets_a_stale_pooled_connection_is_not_resent_and_gets_weir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_post_that_meets_a_stale_connection_to_the_last_node_gone_down_is_buffered_and_delivered_once(
+async fn a_post_after_the_last_node_went_down_with_a_pooled_connection_is_buffered_and_delivered_once(
 ) {
     let a = Upstream::start("a").await;
-    a.close_on_reuse();
     let gw = Gateway::builder()
         .upstream(&a)
         .yaml(DEFERRED_ON)
         .start()
         .await;
-    let pooled = pool_a_connection(&gw, &a, Request::post("/orders/1", "one")).await;
-    // The node goes away; weir still holds its keep-alive connection, which closes when used.
-    a.stop_listening().await;
+    pool_a_connection(&gw, &a, Request::post("/orders/1", "one")).await;
+    // The node goes away: it stops listening and closes every connection, the one weir holds
+    // in its pool included, before this returns.
+    a.down().await;
 
     let resp = gw.send(&Request::post("/orders/2", "two")).await;
     resp.assert_sq_msg(503, "Request Buffered");
@@ -145,14 +145,12 @@ async fn a_post_that_meets_a_stale_connection_to_the_last_node_gone_down_is_buff
         "no X-Weir-Queue-Id: {:?}",
         resp.headers
     );
-    assert_eq!(
-        a.dropped()
-            .iter()
-            .map(|r| (r.target.as_str(), r.connection))
-            .collect::<Vec<_>>(),
-        [("/orders/2", pooled)],
-        "the POST met the stale pooled connection"
-    );
+    let id = resp
+        .header("x-request-id")
+        .expect("X-Request-Id")
+        .to_string();
+    let line = gw.access_line(&id).await;
+    assert_eq!(line["outcome"], "buffered", "{line}");
 
     a.up().await;
     gw.wait_for_metric(
@@ -174,6 +172,7 @@ async fn a_post_that_meets_a_stale_connection_to_the_last_node_gone_down_is_buff
     assert_eq!(delivered.len(), 1, "delivered exactly once: {answered:?}");
     assert_eq!(delivered[0].method, "POST");
     assert_eq!(delivered[0].body, b"two");
+    assert!(a.dropped().is_empty(), "nothing was dropped unanswered");
     let m = gw.metrics().await;
     assert_eq!(
         m.sum_or_zero(

@@ -60,7 +60,16 @@ pub async fn defer(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) ->
     };
     let queue = gw.queues.deferred.clone();
     let rate = ctx.runtime.config.deferred_queue.replay_rate;
-    Some(enqueue(gw, session, ctx, &queue, body, 503, "Request Buffered", rate))
+    Some(enqueue(
+        gw,
+        session,
+        ctx,
+        &queue,
+        body,
+        503,
+        "Request Buffered",
+        rate,
+    ))
 }
 
 /// The upfront queue takes the request without proxying it: 202, or 503 when full, or 413

@@ -176,8 +176,8 @@ impl ProxyHttp for Gateway {
         let method = req.method.as_str();
         let upfront =
             config.upfront_queue.enabled && config.upfront_queue.formats.matches(method, &target);
-        ctx.deferrable = config.deferred_queue.enabled
-            && config.deferred_queue.formats.matches(method, &target);
+        ctx.deferrable =
+            config.deferred_queue.enabled && config.deferred_queue.formats.matches(method, &target);
         if upfront {
             let queue = self.queues.upfront.clone();
             defer::enqueue_upfront(self, session, ctx, &queue).await?;

@@ -100,7 +100,7 @@ struct Shared {
     /// Connections accepted so far (the next connection's number).
     accepted: std::sync::atomic::AtomicUsize,
     released: watch::Sender<bool>,
-    connections: Mutex<Vec<AbortHandle>>,
+    connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,9 +227,12 @@ impl Upstream {
             // Resolves once the task (and with it the listener) was dropped.
             let _ = task.await;
         }
+        // Each connection is closed when this returns (its FIN is on its way), so a gateway
+        // that pooled one finds it closed rather than racing the close.
         let connections: Vec<_> = lock(&self.shared.connections).drain(..).collect();
         for conn in connections {
             conn.abort();
+            let _ = conn.await;
         }
     }
 
@@ -315,7 +318,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let task = tokio::spawn(serve(stream, shared.clone()));
         let mut conns = lock(&shared.connections);
         conns.retain(|c| !c.is_finished());
-        conns.push(task.abort_handle());
+        conns.push(task);
     }
 }
 
