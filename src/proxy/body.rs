@@ -51,7 +51,11 @@ pub async fn capture(session: &mut Session, len: usize) -> Result<Bytes> {
             session.enable_retry_buffering();
             enabled = true;
         }
-        match session.read_request_body().await? {
+        let chunk = session.read_request_body().await.map_err(|mut e| {
+            e.as_down();
+            e
+        })?;
+        match chunk {
             Some(chunk) => {
                 if copy.len() + chunk.len() > len {
                     return Error::e_explain(
@@ -65,11 +69,22 @@ pub async fn capture(session: &mut Session, len: usize) -> Result<Bytes> {
                 }
                 copy.extend_from_slice(&chunk);
             }
+            None if copy.len() < len => return incomplete(len, copy.len()),
             None => break,
         }
     }
     session.set_read_timeout(None);
     Ok(copy.freeze())
+}
+
+/// The client's body ended before its declared length: the client's failure.
+pub fn incomplete<T>(declared: usize, read: usize) -> Result<T> {
+    let mut e = Error::explain(
+        ErrorType::ConnectionClosed,
+        format!("request body ended after {read} of {declared} bytes"),
+    );
+    e.as_down();
+    Err(e)
 }
 
 fn is_expect_continue(session: &Session) -> bool {

@@ -28,6 +28,7 @@ const FRAMING: [http::header::HeaderName; 3] = [
 /// aside): it matches, and replaying it is safe or the operator allows unsafe replays.
 pub fn may_defer(ctx: &RequestCtx) -> bool {
     ctx.deferrable
+        && !ctx.body_failed
         && (!ctx.maybe_sent || ctx.replay_safe || ctx.runtime.config.deferred_queue.replay_unsafe)
 }
 
@@ -45,6 +46,16 @@ pub async fn defer(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) ->
             let max = ctx.runtime.config.limits.max_buffered_body;
             match read_body(session, max).await {
                 Ok(Some(body)) => body,
+                Err(e) => {
+                    log::info!(
+                        "not queueing {} {}: {e}",
+                        session.req_header().method,
+                        String::from_utf8_lossy(session.req_header().raw_path())
+                    );
+                    ctx.body_failed = true;
+                    session.set_keepalive(None);
+                    return None;
+                }
                 Ok(None) => {
                     log::info!(
                         "not queueing {} {}: body over limits.max_buffered_body",
@@ -54,7 +65,6 @@ pub async fn defer(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) ->
                     session.set_keepalive(None);
                     return None;
                 }
-                Err(_) => return None,
             }
         }
     };
@@ -85,7 +95,13 @@ pub async fn enqueue_upfront(
     let body = if too_large {
         None
     } else {
-        read_body(session, max).await?
+        match read_body(session, max).await {
+            Ok(body) => body,
+            Err(e) => {
+                ctx.body_failed = true;
+                return Err(e);
+            }
+        }
     };
     let answer = match body {
         Some(body) => {
@@ -166,6 +182,7 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Option<Bytes
         session.write_continue_response().await?;
     }
     session.set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
+    let declared = super::body::content_length(session);
     let mut copy = BytesMut::new();
     let result = loop {
         match session.read_request_body().await {
@@ -175,8 +192,16 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Option<Bytes
                 }
                 copy.extend_from_slice(&chunk);
             }
+            // Pingora reports a body cut short as an error; this is the backstop for any
+            // path where the declared length was not met.
+            Ok(None) if declared.is_some_and(|len| len != copy.len()) => {
+                break super::body::incomplete(declared.unwrap_or(0), copy.len());
+            }
             Ok(None) => break Ok(Some(copy.freeze())),
-            Err(e) => break Err(e),
+            Err(mut e) => {
+                e.as_down();
+                break Err(e);
+            }
         }
     };
     session.set_read_timeout(None);

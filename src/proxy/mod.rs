@@ -186,7 +186,13 @@ impl ProxyHttp for Gateway {
         if ctx.replay_safe || ctx.deferrable {
             if let Some(len) = body::content_length(session) {
                 if len > 0 && len <= ctx.runtime.config.limits.max_buffered_body {
-                    ctx.body = Some(body::capture(session, len).await?);
+                    match body::capture(session, len).await {
+                        Ok(copy) => ctx.body = Some(copy),
+                        Err(e) => {
+                            ctx.body_failed = true;
+                            return Err(e);
+                        }
+                    }
                 }
             }
         }

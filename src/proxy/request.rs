@@ -56,6 +56,9 @@ pub struct RequestCtx {
     pub body: Option<Bytes>,
     /// Part of the body went upstream without weir keeping a copy.
     pub body_streamed: bool,
+    /// Reading the client's body failed (closed early, timed out, bad framing): the request
+    /// is not what the client meant to send and is never forwarded or queued.
+    pub body_failed: bool,
     /// Nodes tried, in order.
     pub tried: SmallVec<[usize; 4]>,
     pub attempt: Attempt,
@@ -79,6 +82,7 @@ impl RequestCtx {
             deferrable: false,
             body: None,
             body_streamed: false,
+            body_failed: false,
             tried: SmallVec::new(),
             attempt: Attempt::Idle,
             stale_retries: 0,
