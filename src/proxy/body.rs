@@ -32,6 +32,12 @@ pub fn content_length(session: &Session) -> Option<usize> {
         .and_then(|s| s.trim().parse::<usize>().ok())
 }
 
+/// Both `Content-Length` and `Transfer-Encoding`: a request smuggling vector.
+pub fn ambiguous_framing(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    h.contains_key(http::header::TRANSFER_ENCODING) && h.contains_key(http::header::CONTENT_LENGTH)
+}
+
 /// Reads the whole body of a Content-Length request into a copy for replay, leaving Pingora's
 /// retry buffer holding the tail it will hand to `request_body_filter` on every attempt.
 pub async fn capture(session: &mut Session, len: usize) -> Result<Bytes> {

@@ -141,7 +141,24 @@ impl ProxyHttp for Gateway {
     /// queue, and the body copy for replay and deferral.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.client = Some(client_of(session));
-        session.set_keepalive(ctx.runtime.keepalive_secs);
+        // A client that asked for no keep-alive (HTTP/1.0 without it, `Connection: close`)
+        // keeps its choice; weir bounds the idle time of the others. Pipelined requests are
+        // answered in order (RFC 9112 §9.3.2).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(ctx.runtime.keepalive_secs);
+        }
+        session.set_pipelining_enabled(true);
+        if let Some(answer) = respond::malformed(session.req_header()) {
+            self.metrics.rejected(Rejection::BadRequest);
+            ctx.outcome = Outcome::Rejected;
+            respond::send(session, ctx, &answer, true).await?;
+            return Ok(true);
+        }
+        if body::ambiguous_framing(session) {
+            // RFC 9112 §6.1: a request with both framings is answered, then the connection
+            // closed (the chunked framing wins and is what goes upstream).
+            session.set_keepalive(None);
+        }
         // ACME HTTP-01 validation requests are weir's own, ahead of admission.
         if session
             .req_header()

@@ -77,6 +77,14 @@ pub fn add_common_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result
     Ok(())
 }
 
+/// What weir refuses before anything else: an HTTP/1.1 request without a `Host` (RFC 9112
+/// §3.2; Pingora itself refuses several).
+pub fn malformed(req: &RequestHeader) -> Option<Answer> {
+    let no_host =
+        req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST);
+    no_host.then(|| Answer::new(400, "Bad Request"))
+}
+
 /// The answer table for a request that no attempt served (and no queue took): `None` when the
 /// client is gone or broke its own connection (nothing to answer). The node's last failure
 /// decides (504 timed out, 503 unreachable, 502 not HTTP); a bad request is 400.
