@@ -214,3 +214,49 @@ async fn a_request_with_both_content_length_and_chunked_is_answered_then_closed(
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"hello", "the chunked framing wins");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_its_body_gets_408_and_leaves_the_nodes_blameless() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .upstream(&b)
+        .yaml("timeouts: {request: 1s}")
+        .start()
+        .await;
+    // Announce 2 MB (over max_buffered_body, so the body streams to the node) and send none.
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let head = format!(
+            "POST /slow{i} HTTP/1.1\r\nHost: t\r\nX-Request-Id: slow{i}\r\n\
+             Content-Length: 2000000\r\n\r\n"
+        );
+        clients.push(wire_to(gw.addr(), head.as_bytes()).await);
+    }
+    for wire in &mut clients {
+        let head = wire.read_response_head().await.expect("an answer");
+        assert_eq!(head.status, 408);
+        let body = wire.read_response_body("POST", &head).await.expect("body");
+        assert_eq!(body, br#"{"sq_msg":"Request Timeout"}"#);
+    }
+    let m = gw.metrics().await;
+    for result in ["timeout", "reset", "connect_refused"] {
+        assert_eq!(
+            m.sum_or_zero("weir_upstream_attempts_total", &[("result", result)]),
+            0.0,
+            "a slow client is not the nodes' failure ({result})"
+        );
+    }
+    for node in [&a, &b] {
+        assert_eq!(
+            m.sum_or_zero(
+                "weir_upstream_error_rate",
+                &[("upstream", node.url().as_str())]
+            ),
+            0.0
+        );
+    }
+    let resp = gw.send(&Request::get("/after")).await;
+    assert_eq!(resp.status, 200);
+}

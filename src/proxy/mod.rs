@@ -93,15 +93,26 @@ impl Gateway {
     }
 
     /// The attempt in flight ended in an error: classify it once and act on what it means.
-    /// Returns whether another attempt may follow.
+    /// Returns whether another attempt may follow. A node that timed out while the client had
+    /// not finished sending its body waited on the client: that is the client's failure
+    /// (`e` becomes a downstream timeout, answered 408), never the node's.
     fn attempt_failed(
         &self,
-        session: &Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
-        e: &Error,
+        e: &mut Error,
         phase: Phase,
     ) -> bool {
+        // The client's whole request body has been read (or it has none).
+        let body_done = session.as_mut().is_body_done();
+        let session = &*session;
         match failure::classify(e, phase) {
+            AttemptError::Node(Failure::Timeout) if !body_done => {
+                e.as_down();
+                ctx.release();
+                ctx.decide(None);
+                false
+            }
             AttemptError::Node(f) => self.node_failed(session, ctx, f),
             AttemptError::Stale { unsent } => match retry::after_stale(session, ctx, unsent) {
                 StaleVerdict::Retry => {
@@ -343,7 +354,7 @@ impl ProxyHttp for Gateway {
         if failure::is_tls_handshake_error(&e) {
             log::warn!("TLS handshake with upstream {peer} failed: {e}");
         }
-        let retry = self.attempt_failed(session, ctx, &e, Phase::Connect);
+        let retry = self.attempt_failed(session, ctx, &mut e, Phase::Connect);
         e.set_retry(retry);
         e
     }
@@ -366,7 +377,7 @@ impl ProxyHttp for Gateway {
         let phase = Phase::Exchange {
             reused: client_reused,
         };
-        let retry = self.attempt_failed(session, ctx, &e, phase);
+        let retry = self.attempt_failed(session, ctx, &mut e, phase);
         e.set_retry(retry);
         e
     }
@@ -404,6 +415,9 @@ impl ProxyHttp for Gateway {
                 };
                 if answer.status == 400 {
                     self.metrics.rejected(Rejection::BadRequest);
+                    ctx.outcome = Outcome::Rejected;
+                } else if answer.status == 408 {
+                    // The client's failure (weir_requests_total{code="4xx",outcome="rejected"}).
                     ctx.outcome = Outcome::Rejected;
                 } else if ctx.outcome == Outcome::Proxied {
                     ctx.outcome = Outcome::Failed;

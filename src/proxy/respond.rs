@@ -87,15 +87,17 @@ pub fn malformed(req: &RequestHeader) -> Option<Answer> {
 
 /// The answer table for a request that no attempt served (and no queue took): `None` when the
 /// client is gone or broke its own connection (nothing to answer). The node's last failure
-/// decides (504 timed out, 503 unreachable, 502 not HTTP); a bad request is 400.
+/// decides (504 timed out, 503 unreachable, 502 not HTTP); a bad request is 400, a client
+/// too slow with its request 408.
 pub fn final_answer(e: &Error, ctx: &RequestCtx) -> Option<Answer> {
     Some(match (e.esource(), e.etype()) {
+        // A client still there but too slow with its request is told so.
+        (ErrorSource::Downstream, ErrorType::ReadTimedout) => Answer::new(408, "Request Timeout"),
         (
             ErrorSource::Downstream,
             ErrorType::ReadError
             | ErrorType::WriteError
             | ErrorType::ConnectionClosed
-            | ErrorType::ReadTimedout
             | ErrorType::WriteTimedout,
         ) => return None,
         (ErrorSource::Downstream, _) => Answer::new(400, "Bad Request"),
