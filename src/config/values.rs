@@ -12,7 +12,7 @@
 //! implement `Deserialize`/`Serialize` themselves.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -332,6 +332,10 @@ pub fn check_listen_addr(s: &str) -> Result<String, String> {
         return Err(bad(
             "the host is missing (use 0.0.0.0:PORT for every interface)",
         ));
+    } else if looks_like_ipv4(host) && host.parse::<Ipv4Addr>().is_err() {
+        return Err(bad(&format!(
+            "`{host}` is not an IPv4 address (four numbers 0-255, e.g. 127.0.0.1)"
+        )));
     } else if !is_host_name(host) {
         return Err(bad(&format!("`{host}` is not an IP address or host name")));
     }
@@ -340,17 +344,26 @@ pub fn check_listen_addr(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// A DNS name (letters, digits, `-`, `_`, dot-separated) or an IP literal.
+/// A DNS name (letters, digits, `-`, `_`, dot-separated) or an IP literal. A name whose last
+/// label is all digits is neither (RFC 3696 §2: no top-level domain is numeric), so
+/// `999.1.1.1` or `10.1` is refused here rather than handed to the resolver.
 pub fn is_host_name(host: &str) -> bool {
-    !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        || host.parse::<IpAddr>().is_ok()
+    host.parse::<IpAddr>().is_ok()
+        || !host.is_empty()
+            && !looks_like_ipv4(host)
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+}
+
+/// Dot-separated with an all-digit last label: an IPv4 address or nothing at all.
+fn looks_like_ipv4(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or("");
+    !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// `deserialize_with` for [`Listener::addr`].
