@@ -389,6 +389,73 @@ pub mod addr_or_off {
     }
 }
 
+/// `admin.token`: a bearer token, or `off` (also `~`) for none.
+pub mod token_or_off {
+    use super::*;
+
+    /// Shorter tokens are refused: they can be guessed.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Scalar::new("a token of 16 or more visible characters, or off", parse)
+            .null_as("off")
+            .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_deref().unwrap_or("off"))
+    }
+
+    pub fn parse(s: &str) -> Result<Option<String>, String> {
+        if s == "off" {
+            return Ok(None);
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the admin token must be visible ASCII characters, without spaces (it is sent \
+                 as `Authorization: Bearer <token>`)"
+                    .to_string(),
+            );
+        }
+        if s.len() < MIN_LEN {
+            return Err(format!(
+                "the admin token has {} characters; use at least {MIN_LEN} (e.g. the output of \
+                 `openssl rand -hex 16`)",
+                s.len()
+            ));
+        }
+        Ok(Some(s.to_string()))
+    }
+}
+
+/// `admin.hosts`: host names or IP addresses (no port), kept lower-cased.
+pub mod host_names {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        read_list(d, Scalar::new("a host name or IP address", parse))
+    }
+
+    pub fn serialize<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub fn parse(s: &str) -> Result<String, String> {
+        let t = s.trim();
+        let bare = t
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(t);
+        if is_host_name(bare) {
+            Ok(bare.to_ascii_lowercase())
+        } else {
+            Err(format!(
+                "`{s}` is not a host name or IP address (write it without a port)"
+            ))
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Listener {
     /// `host:port`, or the map `{addr, tls}` (the derived reader).
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
