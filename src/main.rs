@@ -121,9 +121,16 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             print_warnings(&config, &loaded.warnings);
-            if let Err(e) = weir::server::check(&loaded.config) {
-                eprintln!("weir: {}: {e}", config.display());
-                return ExitCode::from(1);
+            match weir::server::check(&loaded.config) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        eprintln!("weir: {}: warning: {w}", config.display());
+                    }
+                }
+                Err(e) => {
+                    eprintln!("weir: {}: {e}", config.display());
+                    return ExitCode::from(1);
+                }
             }
             print!("{}", loaded.config.to_yaml());
             eprintln!("weir: {}: ok", config.display());

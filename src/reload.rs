@@ -156,7 +156,7 @@ fn keep_restart_only_settings(new: &mut Config, running: &Config) -> Vec<&'stati
             n.acme = r.acme.clone();
         }
     }
-    keep!(admin, "admin.listen");
+    keep!(admin, "admin");
     keep!(log, "log");
     keep!(server, "server");
     keep!(deferred_queue.capacity, "deferred_queue.capacity");

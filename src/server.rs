@@ -9,6 +9,8 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
+use std::io::ErrorKind;
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
 use crate::admin::AdminApp;
@@ -28,11 +30,129 @@ use crate::runtime::Runtime;
 const PINGORA_MAX_RETRIES: usize = 1024;
 
 /// What `weir check` verifies beyond the file itself: the runtime builds (upstream CA files,
-/// header values) and the TLS pair loads.
-pub fn check(config: &Config) -> Result<(), String> {
+/// header values) and the TLS pair loads. `Ok` carries warnings: the listening addresses that
+/// cannot be bound here and now (in use, a port below 1024 without the right, an address this
+/// machine does not have). They are warnings, not errors: the address may be the running
+/// weir's (a check before a reload or upgrade), `weir run` may run as another user or on
+/// another machine, and a free port may be taken a moment later; `weir run` refuses to start
+/// on any of them.
+pub fn check(config: &Config) -> Result<Vec<String>, String> {
     Runtime::build(config.clone(), &Metrics::new())?;
     crate::certs::load_configured(config)?;
+    let mut warnings = Vec::new();
+    for (key, addr) in listening_addresses(config) {
+        if let Err(f) = probe_bind(addr) {
+            let hint = if f.kind == ErrorKind::AddrInUse {
+                " (fine if the running weir holds it, before a reload or `weir run -u`; \
+                 otherwise `weir run` will fail)"
+            } else {
+                " (`weir run` will fail where this holds)"
+            };
+            warnings.push(format!("{key} {addr}: {}{hint}", f.reason));
+        }
+    }
+    Ok(warnings)
+}
+
+/// Every address weir listens on, with the key that configures it.
+fn listening_addresses(config: &Config) -> Vec<(&'static str, &str)> {
+    let mut out: Vec<(&'static str, &str)> =
+        config.listen.iter().map(|l| ("listen", &*l.addr)).collect();
+    if let Some(admin) = &config.admin.listen {
+        out.push(("admin.listen", admin));
+    }
+    out
+}
+
+/// Why an address cannot be listened on.
+#[derive(Debug)]
+pub struct BindFailure {
+    pub kind: ErrorKind,
+    /// For the operator: `address in use`, `permission denied (...)`.
+    pub reason: String,
+}
+
+/// Binds `addr` as Pingora will (its first resolved address, SO_REUSEADDR, which std's
+/// `TcpListener::bind` sets on Unix too) and releases it at once.
+pub fn probe_bind(addr: &str) -> Result<(), BindFailure> {
+    let fail = |e: &std::io::Error, reason: String| BindFailure {
+        kind: e.kind(),
+        reason,
+    };
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| fail(&e, format!("cannot resolve it: {e}")))?
+        .next()
+        .ok_or_else(|| BindFailure {
+            kind: ErrorKind::NotFound,
+            reason: "it resolves to no address".to_string(),
+        })?;
+    match std::net::TcpListener::bind(sock) {
+        Ok(listener) => {
+            drop(listener);
+            Ok(())
+        }
+        Err(e) => {
+            let reason = match e.kind() {
+                ErrorKind::AddrInUse => "address in use".to_string(),
+                ErrorKind::PermissionDenied if sock.port() < 1024 => {
+                    "permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)"
+                        .to_string()
+                }
+                ErrorKind::PermissionDenied => "permission denied".to_string(),
+                ErrorKind::AddrNotAvailable => {
+                    format!(
+                        "address not available (no interface of this machine has {})",
+                        sock.ip()
+                    )
+                }
+                _ => e.to_string(),
+            };
+            Err(fail(&e, reason))
+        }
+    }
+}
+
+/// Refuses to start when an address cannot be bound, before anything is started or written
+/// (Pingora binds in its service threads, where a failure was a panic in a thread and the
+/// process went on without that listener). A successor (`weir run -u`) receives the sockets
+/// the old process holds, so `address in use` is expected there; Pingora binds any other.
+fn check_addresses_bind(config: &Config, upgrade: bool) -> Result<(), String> {
+    for (key, addr) in listening_addresses(config) {
+        match probe_bind(addr) {
+            Ok(()) => {}
+            Err(f) if upgrade && f.kind == ErrorKind::AddrInUse => {}
+            Err(f) => return Err(format!("{key} {addr}: {}", f.reason)),
+        }
+    }
     Ok(())
+}
+
+/// The message of Pingora's panic when a service cannot bind its listeners
+/// (`services/listening.rs`: `.expect("Failed to build listeners")`).
+const PINGORA_LISTENER_PANIC: &str = "Failed to build listeners";
+
+/// Makes a listener that fails in Pingora's service thread (the address was taken between the
+/// start-up check and Pingora's bind, or in a successor an address the old process did not
+/// hand over is in use) end the process with exit status 1 and the reason on stderr, removing
+/// the pid file, instead of leaving it running without that listener. Other panics keep the
+/// default behaviour.
+fn exit_when_a_listener_fails(pid_file: PathBuf) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload_as_str().unwrap_or("");
+        if let Some(rest) = message.strip_prefix(PINGORA_LISTENER_PANIC) {
+            eprintln!("weir: a listener could not start, exiting{rest}");
+            log::error!("a listener could not start, exiting{rest}");
+            let ours = std::fs::read_to_string(&pid_file)
+                .is_ok_and(|p| p.trim() == std::process::id().to_string());
+            if ours {
+                let _ = std::fs::remove_file(&pid_file);
+            }
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }
 
 /// What `weir run` needs beyond the config.
@@ -72,6 +192,7 @@ pub struct Built {
 
 /// Builds the server with every service; call `run_forever` on the result.
 pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
+    check_addresses_bind(&config, opts.upgrade)?;
     let metrics = Metrics::new();
     let logs = Arc::new(
         Logs::start(&config.log.access, &config.log.error_log)
@@ -88,6 +209,7 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         ..Opt::default()
     };
     let conf = server_conf(&config, opts);
+    exit_when_a_listener_fails(config.server.pid_file.clone());
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 

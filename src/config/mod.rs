@@ -405,12 +405,22 @@ pub struct Admin {
     /// `None` (`off`) = no admin listener.
     #[serde(with = "values::addr_or_off")]
     pub listen: Option<String>,
+    /// When set, requests other than GET (`DELETE /queue/dead`) need
+    /// `Authorization: Bearer <token>`. At least 16 visible ASCII characters. Default `off`.
+    #[serde(with = "values::token_or_off")]
+    pub token: Option<String>,
+    /// Names the admin API answers to besides localhost, loopback addresses and the listener's
+    /// own address (the `Host` check against DNS rebinding), e.g. the name Prometheus scrapes.
+    #[serde(with = "values::host_names")]
+    pub hosts: Vec<String>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Admin {
             listen: Some("127.0.0.1:9100".to_string()),
+            token: None,
+            hosts: Vec::new(),
         }
     }
 }

@@ -74,7 +74,31 @@ impl Config {
         self.check_upstreams(&mut warnings)?;
         self.check_response_headers()?;
         self.check_bounds()?;
+        self.check_admin(&mut warnings);
         Ok(warnings)
+    }
+
+    /// An admin listener off loopback is reachable from the network: said at every start.
+    fn check_admin(&self, warnings: &mut Vec<Finding>) {
+        let Some(addr) = &self.admin.listen else {
+            return;
+        };
+        if is_loopback_listen(addr) {
+            return;
+        }
+        let message = if self.admin.token.is_some() {
+            format!(
+                "`{addr}` is not a loopback address: status, metrics and queues are readable \
+                 from the network (DELETE /queue/dead needs admin.token); firewall the port if \
+                 that is not intended"
+            )
+        } else {
+            format!(
+                "`{addr}` is not a loopback address: the admin API (status, metrics, queues, \
+                 DELETE /queue/dead) is open to the network; set admin.token and firewall the port"
+            )
+        };
+        warnings.push(Finding::new(at!("admin", "listen"), message));
     }
 
     /// Values that would make weir allocate more than a machine has.
@@ -252,6 +276,19 @@ impl Config {
     }
 }
 
+/// A listen address (`host:port`, IPv6 in brackets) on loopback: `localhost` or a loopback IP.
+pub fn is_loopback_listen(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +299,39 @@ mod tests {
         assert_eq!(f.path(), "upstreams[2]");
         let f = Finding::new(at!("tls", "acme", "cache_dir"), "x");
         assert_eq!(f.to_string(), "tls.acme.cache_dir: x");
+    }
+
+    #[test]
+    fn loopback_listen_addresses() {
+        for a in [
+            "127.0.0.1:9100",
+            "127.3.2.1:1",
+            "[::1]:9100",
+            "localhost:9100",
+            "LOCALHOST:1",
+        ] {
+            assert!(is_loopback_listen(a), "{a}");
+        }
+        for a in [
+            "0.0.0.0:9100",
+            "[::]:9100",
+            "10.0.0.1:9100",
+            "admin.example:9100",
+        ] {
+            assert!(!is_loopback_listen(a), "{a}");
+        }
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_is_warned() {
+        let mut c = Config::embedded_default();
+        let mut w = Vec::new();
+        c.check_admin(&mut w);
+        assert!(w.is_empty(), "{w:?}");
+        c.admin.listen = Some("0.0.0.0:9100".into());
+        c.check_admin(&mut w);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].path(), "admin.listen");
+        assert!(w[0].message.contains("set admin.token"), "{}", w[0]);
     }
 }

@@ -12,7 +12,7 @@
 //! implement `Deserialize`/`Serialize` themselves.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -332,6 +332,10 @@ pub fn check_listen_addr(s: &str) -> Result<String, String> {
         return Err(bad(
             "the host is missing (use 0.0.0.0:PORT for every interface)",
         ));
+    } else if looks_like_ipv4(host) && host.parse::<Ipv4Addr>().is_err() {
+        return Err(bad(&format!(
+            "`{host}` is not an IPv4 address (four numbers 0-255, e.g. 127.0.0.1)"
+        )));
     } else if !is_host_name(host) {
         return Err(bad(&format!("`{host}` is not an IP address or host name")));
     }
@@ -340,17 +344,26 @@ pub fn check_listen_addr(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// A DNS name (letters, digits, `-`, `_`, dot-separated) or an IP literal.
+/// A DNS name (letters, digits, `-`, `_`, dot-separated) or an IP literal. A name whose last
+/// label is all digits is neither (RFC 3696 §2: no top-level domain is numeric), so
+/// `999.1.1.1` or `10.1` is refused here rather than handed to the resolver.
 pub fn is_host_name(host: &str) -> bool {
-    !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        || host.parse::<IpAddr>().is_ok()
+    host.parse::<IpAddr>().is_ok()
+        || !host.is_empty()
+            && !looks_like_ipv4(host)
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+}
+
+/// Dot-separated with an all-digit last label: an IPv4 address or nothing at all.
+fn looks_like_ipv4(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or("");
+    !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// `deserialize_with` for [`Listener::addr`].
@@ -373,6 +386,73 @@ pub mod addr_or_off {
 
     pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(v.as_deref().unwrap_or("off"))
+    }
+}
+
+/// `admin.token`: a bearer token, or `off` (also `~`) for none.
+pub mod token_or_off {
+    use super::*;
+
+    /// Shorter tokens are refused: they can be guessed.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Scalar::new("a token of 16 or more visible characters, or off", parse)
+            .null_as("off")
+            .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_deref().unwrap_or("off"))
+    }
+
+    pub fn parse(s: &str) -> Result<Option<String>, String> {
+        if s == "off" {
+            return Ok(None);
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the admin token must be visible ASCII characters, without spaces (it is sent \
+                 as `Authorization: Bearer <token>`)"
+                    .to_string(),
+            );
+        }
+        if s.len() < MIN_LEN {
+            return Err(format!(
+                "the admin token has {} characters; use at least {MIN_LEN} (e.g. the output of \
+                 `openssl rand -hex 16`)",
+                s.len()
+            ));
+        }
+        Ok(Some(s.to_string()))
+    }
+}
+
+/// `admin.hosts`: host names or IP addresses (no port), kept lower-cased.
+pub mod host_names {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        read_list(d, Scalar::new("a host name or IP address", parse))
+    }
+
+    pub fn serialize<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub fn parse(s: &str) -> Result<String, String> {
+        let t = s.trim();
+        let bare = t
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(t);
+        if is_host_name(bare) {
+            Ok(bare.to_ascii_lowercase())
+        } else {
+            Err(format!(
+                "`{s}` is not a host name or IP address (write it without a port)"
+            ))
+        }
     }
 }
 

@@ -160,6 +160,23 @@ fn listen_takes_one_address_or_a_list() {
 }
 
 #[test]
+fn listen_addresses_that_cannot_exist_are_refused_at_their_line() {
+    let text = format!("{MINIMAL}listen: 999.1.1.1:80\n");
+    err_at(&text, Some(2), &["999.1.1.1", "not an IPv4 address"]);
+    err_at("listen: [127.0.0.1:1, 10.1:2]\n", Some(1), &["`10.1`"]);
+    err_at(
+        "admin:\n  listen: 256.0.0.1:9100\n",
+        Some(2),
+        &["not an IPv4"],
+    );
+    // Names stay names, IPv4 literals stay addresses.
+    let c = ok(&format!(
+        "{MINIMAL}listen: [a1.example:1, host-2:2, 10.0.0.1:3]\n"
+    ));
+    assert_eq!(c.listen.len(), 3);
+}
+
+#[test]
 fn upstream_urls_are_normalised_and_resolved() {
     let c = ok("upstreams:\n  - http://127.0.0.1\n  - HTTPS://[::1]/\n  - url: http://LOCALHOST:8080\n    weight: 3\n    tls_verify: false\n    sni: api.local\n    ca: /ca.pem\n");
     let u = &c.upstreams;
