@@ -10,6 +10,7 @@
 //! metrics, logs, certs       metric handles; access/error logs; the certificate store
 //! runtime                    the running state built from one config (nodes, router)
 //! forward                    the forwarding policy (the upstream request head)
+//! conn                       client connections: counts, head and body deadlines
 //! queue, tls, acme           queues and their replay; TLS listeners; ACME
 //! proxy                      the ProxyHttp hooks
 //! admin, status, reload      admin listener, status page, config reload
@@ -24,6 +25,9 @@ pub mod admin;
 pub mod certs;
 /// The typed config and its two readers (native YAML, ServiceQ sq.properties).
 pub mod config;
+/// Client connections: connection limits, request head and body deadlines, Pingora's own
+/// refusals answered in weir's format.
+pub mod conn;
 /// `weir demo`: local upstreams (one flapping) plus the gateway.
 pub mod demo;
 /// The one failure taxonomy: every upstream error classified once.

@@ -38,8 +38,20 @@ pub enum Rejection {
     Concurrency = 0,
     QueueFull = 1,
     BadRequest = 2,
+    /// A client too slow with its request head or body (408).
+    ClientTimeout = 3,
+    /// A client address over `limits.max_requests_per_client` (429).
+    ClientLimit = 4,
 }
-const REJECTION_REASONS: [&str; 3] = ["concurrency", "queue_full", "bad_request"];
+const REJECTION_REASONS: [&str; 5] = [
+    "concurrency",
+    "queue_full",
+    "bad_request",
+    "client_timeout",
+    "client_limit",
+];
+/// `weir_connections_refused_total{reason}` values.
+const CONNECTION_REFUSALS: [&str; 2] = ["max_connections", "per_client"];
 
 const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const QUEUES: [&str; 2] = ["deferred", "upfront"];
@@ -129,6 +141,11 @@ pub struct Metrics {
     pub acme_orders: IntCounterVec,
     /// Unix time the served ACME certificate expires (0 = none yet).
     pub acme_certificate_expiry: prometheus::IntGauge,
+    /// Open client connections (set at scrape time).
+    pub client_connections: IntGauge,
+    /// `limits.max_connections` in force.
+    pub max_connections: IntGauge,
+    connections_refused: [IntCounter; CONNECTION_REFUSALS.len()],
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -364,6 +381,32 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let client_connections = register(
+            &r,
+            IntGauge::new("weir_client_connections", "Open client connections")
+                .expect("valid metric"),
+        );
+        let max_connections = register(
+            &r,
+            IntGauge::new(
+                "weir_max_connections",
+                "Configured limit of open client connections",
+            )
+            .expect("valid metric"),
+        );
+        let refused_vec = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_connections_refused_total",
+                    "Client connections refused at accept",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let connections_refused =
+            CONNECTION_REFUSALS.map(|reason| refused_vec.with_label_values(&[reason]));
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -399,6 +442,9 @@ impl Metrics {
             reloads,
             acme_orders,
             acme_certificate_expiry,
+            client_connections,
+            max_connections,
+            connections_refused,
         })
     }
 
@@ -442,6 +488,11 @@ impl Metrics {
 
     pub fn rejected(&self, why: Rejection) {
         self.rejected[why as usize].inc();
+    }
+
+    /// A connection refused at accept: `per_client` or (otherwise) `max_connections`.
+    pub fn connection_refused(&self, per_client: bool) {
+        self.connections_refused[usize::from(per_client)].inc();
     }
 
     pub fn retry(&self, reason: RetryReason) {

@@ -13,8 +13,13 @@ use std::io::ErrorKind;
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
+use pingora::apps::ServerApp;
+use pingora::protocols::{Shutdown, Stream, ALPN};
+use tokio::io::AsyncWriteExt;
+
 use crate::admin::AdminApp;
 use crate::config::{Config, Listener};
+use crate::conn::{ClientConn, Refusal};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -190,6 +195,71 @@ pub struct Built {
     pub gateway: Arc<Gateway>,
 }
 
+/// The proxy's side of every listener: each accepted connection is counted against
+/// `limits.max_connections` (and `max_connections_per_client`) and wrapped in a [`ClientConn`]
+/// that keeps the client's head and body deadlines, then handed to Pingora's HTTP proxy.
+struct ClientListener {
+    proxy: Arc<pingora_proxy::HttpProxy<Gateway>>,
+    gateway: Arc<Gateway>,
+}
+
+/// The answer to a connection beyond the limits, before it is closed.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+    Content-Type: application/json\r\nContent-Length: 33\r\nCache-Control: no-store\r\n\
+    Retry-After: 1\r\nConnection: close\r\n\r\n{\"sq_msg\":\"Too Many Connections\"}";
+
+#[async_trait]
+impl ServerApp for ClientListener {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let runtime = self.gateway.runtime();
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let limits = &runtime.config.limits;
+        match self.gateway.conns.admit(
+            ip,
+            limits.max_connections,
+            limits.max_connections_per_client,
+        ) {
+            Ok(permit) => {
+                let conn = ClientConn::new(
+                    stream,
+                    permit,
+                    runtime.clone(),
+                    self.gateway.conn_shared.clone(),
+                    ip,
+                );
+                drop(runtime);
+                self.proxy.process_new(Box::new(conn), shutdown).await
+            }
+            Err(refusal) => {
+                drop(runtime);
+                self.gateway
+                    .metrics
+                    .connection_refused(refusal == Refusal::PerClient);
+                // HTTP/2 clients get no HTTP/1 answer, only the close.
+                if !matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        stream.write_all(TOO_MANY_CONNECTIONS),
+                    )
+                    .await;
+                }
+                Shutdown::shutdown(&mut *stream).await;
+                None
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.cleanup().await
+    }
+}
+
 /// Builds the server with every service; call `run_forever` on the result.
 pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     check_addresses_bind(&config, opts.upgrade)?;
@@ -213,10 +283,14 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        (*gateway).clone(),
-        "weir proxy",
+    let mut http = pingora_proxy::HttpProxy::new((*gateway).clone(), server.configuration.clone());
+    http.handle_init_modules();
+    let mut proxy = Service::new(
+        "weir proxy".to_string(),
+        ClientListener {
+            proxy: Arc::new(http),
+            gateway: gateway.clone(),
+        },
     );
     for l in &config.listen {
         if l.tls {

@@ -156,6 +156,11 @@ const LABEL_VALUES: [(&str, &[&str]); 5] = [
             "concurrency",
             "queue_full",
             "bad_request",
+            "client_timeout",
+            "client_limit",
+            // weir_connections_refused_total
+            "max_connections",
+            "per_client",
             "connect_refused",
             "connect_timeout",
             "timeout",

@@ -304,6 +304,14 @@ pub struct Timeouts {
     /// connection is closed after each response.
     #[serde(with = "units::seconds_or_off")]
     pub keepalive: Option<Duration>,
+    /// The whole request head, from the connection's accept (or a keep-alive request's first
+    /// byte); beyond it weir answers 408 and closes.
+    #[serde(with = "units::positive_duration")]
+    pub client_head: Duration,
+    /// A request body's allowance before `limits.min_body_rate` applies: the body must have
+    /// arrived by `client_body + bytes / min_body_rate` after the head (408 otherwise).
+    #[serde(with = "units::positive_duration")]
+    pub client_body: Duration,
 }
 
 impl Default for Timeouts {
@@ -312,6 +320,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(1),
             request: Some(Duration::from_secs(5)),
             keepalive: Some(Duration::from_secs(120)),
+            client_head: Duration::from_secs(10),
+            client_body: Duration::from_secs(10),
         }
     }
 }
@@ -319,12 +329,29 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a map of limits")]
 pub struct Limits {
-    /// In-flight client requests; beyond it weir answers 429.
+    /// Requests going to a node (their head and any body up to `max_buffered_body` already
+    /// received); beyond it weir answers 429.
     #[serde(with = "values::positive")]
     pub concurrency_peak: usize,
-    /// Bodies up to this size are kept for retry and queue.
+    /// Bodies up to this size are read in full before the request goes to a node, and kept
+    /// for retry and queue.
     #[serde(with = "units::size")]
     pub max_buffered_body: usize,
+    /// Open client connections over all listeners; a connection beyond it is answered 503 and
+    /// closed.
+    #[serde(with = "values::positive")]
+    pub max_connections: usize,
+    /// Open connections from one client address; 0 = no limit.
+    #[serde(with = "values::count")]
+    pub max_connections_per_client: usize,
+    /// Requests in progress from one client address (from their head on); beyond it 429.
+    /// 0 = no limit.
+    #[serde(with = "values::count")]
+    pub max_requests_per_client: usize,
+    /// The slowest a request body may arrive once its `timeouts.client_body` allowance is used
+    /// up; 0/off = no minimum.
+    #[serde(with = "units::byte_rate_or_off")]
+    pub min_body_rate: usize,
 }
 
 impl Limits {
@@ -337,6 +364,10 @@ impl Default for Limits {
         Limits {
             concurrency_peak: 2048,
             max_buffered_body: 1 << 20,
+            max_connections: 16384,
+            max_connections_per_client: 0,
+            max_requests_per_client: 0,
+            min_body_rate: 1024,
         }
     }
 }

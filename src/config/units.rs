@@ -270,9 +270,50 @@ pub mod rate {
     }
 }
 
+/// Bytes per second, such as `1KiB/s`, or `0`/`off` for no minimum; printed as `N/s` or `off`.
+pub mod byte_rate_or_off {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        Scalar::new("a rate in bytes such as 1KiB/s, or off", parse)
+            .null_as("off")
+            .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(n: &usize, s: S) -> Result<S::Ok, S::Error> {
+        match n {
+            0 => s.serialize_str("off"),
+            n => s.serialize_str(&format!("{}/s", format_size(*n))),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<usize, String> {
+        let t = s.trim();
+        if t == "off" || t == "0" {
+            return Ok(0);
+        }
+        match t.strip_suffix("/s") {
+            Some(size) => parse_size(size),
+            None => Err(format!(
+                "`{t}` is not a rate in bytes such as 1KiB/s, or off"
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_rates_parse_with_a_unit_or_off() {
+        assert_eq!(byte_rate_or_off::parse("1KiB/s"), Ok(1024));
+        assert_eq!(byte_rate_or_off::parse(" 512/s "), Ok(512));
+        assert_eq!(byte_rate_or_off::parse("off"), Ok(0));
+        assert_eq!(byte_rate_or_off::parse("0"), Ok(0));
+        assert!(byte_rate_or_off::parse("1KiB").is_err());
+        assert!(byte_rate_or_off::parse("fast/s").is_err());
+    }
 
     #[test]
     fn durations_parse_in_every_unit() {

@@ -1,14 +1,23 @@
-//! Admission: the concurrency peak. A request takes a slot for as long as it is in flight;
-//! beyond `limits.concurrency_peak` it is refused at once with 429 (never queued, never hung).
-//! Queued requests hold no slot: the slot is released when the client's request finishes.
+//! Admission: what a request may take of the cluster and of weir.
+//!
+//! - The concurrency peak protects the cluster: a request takes a slot once it goes to a node
+//!   (its head and any body up to `limits.max_buffered_body` already in), never while weir still
+//!   waits for the client; beyond `limits.concurrency_peak` it is refused at once with 429.
+//!   Queued requests hold no slot.
+//! - `limits.max_requests_per_client` bounds what one client address has in progress, from its
+//!   head on (429), so that one client cannot hold every slot by itself.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use crate::conn::PerClient;
 
 /// The count of in-flight client requests, shared by all worker threads.
 #[derive(Default, Clone)]
 pub struct Admission {
     inflight: Arc<AtomicUsize>,
+    per_client: Arc<PerClient>,
 }
 
 /// A held slot; dropping it releases the slot.
@@ -17,6 +26,18 @@ pub struct Slot(Arc<AtomicUsize>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request in progress from one client address; dropping it gives it back.
+pub struct ClientSlot {
+    per_client: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.per_client.give_back(self.ip);
     }
 }
 
@@ -29,6 +50,14 @@ impl Admission {
             return None;
         }
         Some(Slot(self.inflight.clone()))
+    }
+
+    /// Counts a request of client `ip` if it has fewer than `limit` in progress.
+    pub fn try_admit_client(&self, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
+        self.per_client.try_take(ip, limit).then(|| ClientSlot {
+            per_client: self.per_client.clone(),
+            ip,
+        })
     }
 
     pub fn inflight(&self) -> usize {
@@ -52,5 +81,18 @@ mod tests {
         assert!(a.try_admit(2).is_some());
         drop(s2);
         assert_eq!(a.inflight(), 0);
+    }
+
+    #[test]
+    fn one_client_is_held_to_its_limit_while_others_pass() {
+        let a = Admission::default();
+        let one = IpAddr::from([10, 0, 0, 1]);
+        let other = IpAddr::from([10, 0, 0, 2]);
+        let held = a.try_admit_client(one, 1);
+        assert!(held.is_some());
+        assert!(a.try_admit_client(one, 1).is_none());
+        assert!(a.try_admit_client(other, 1).is_some());
+        drop(held);
+        assert!(a.try_admit_client(one, 1).is_some());
     }
 }

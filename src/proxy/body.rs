@@ -17,6 +17,9 @@ use pingora_error::ErrorType;
 /// Pingora's own replay buffer limit (core/protocols/http/v1/common.rs `BODY_BUF_LIMIT`).
 const PINGORA_REPLAY_LIMIT: usize = 64 * 1024;
 
+/// The first allocation of a body copy; it grows with what arrives.
+const INITIAL_COPY: usize = 16 * 1024;
+
 /// How long a client may take between two body reads while weir is buffering its body.
 const CLIENT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -30,6 +33,14 @@ pub fn content_length(session: &Session) -> Option<usize> {
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<usize>().ok())
+}
+
+/// Whether the request announces a body (chunked, or a Content-Length above 0).
+pub fn has_body(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().iter().any(|&b| (b'1'..=b'9').contains(&b)))
 }
 
 /// Both `Content-Length` and `Transfer-Encoding`: a request smuggling vector.
@@ -50,7 +61,8 @@ pub async fn capture(session: &mut Session, len: usize) -> Result<Bytes> {
             .remove_header(&http::header::EXPECT);
     }
     session.set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
-    let mut copy = BytesMut::with_capacity(len);
+    // Memory follows the bytes that arrive, not the length a client announces.
+    let mut copy = BytesMut::with_capacity(len.min(INITIAL_COPY));
     let mut enabled = false;
     loop {
         if !enabled && len - copy.len().min(len) <= PINGORA_REPLAY_LIMIT {

@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 use super::admission::Admission;
 use crate::acme::AcmeState;
 use crate::certs::CertStore;
+use crate::conn::{ConnShared, Connections};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::queue::Queues;
@@ -25,6 +26,10 @@ pub struct Gateway {
     pub acme: Arc<AcmeState>,
     /// The certificates the TLS listeners serve.
     pub certs: Arc<CertStore>,
+    /// Open client connections of every listener.
+    pub conns: Arc<Connections>,
+    /// What each client connection needs of the gateway.
+    pub conn_shared: Arc<ConnShared>,
 }
 
 impl Gateway {
@@ -35,11 +40,17 @@ impl Gateway {
             runtime.config.upfront_queue.capacity,
             &metrics,
         ));
+        let conn_shared = Arc::new(ConnShared {
+            metrics: metrics.clone(),
+            logs: logs.clone(),
+        });
         Gateway {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             admission: Admission::default(),
             metrics,
             logs,
+            conns: Arc::default(),
+            conn_shared,
             queues,
             acme: Arc::default(),
             certs: Arc::default(),
@@ -69,6 +80,9 @@ impl Gateway {
     /// Refreshes the gauges that describe live state; called before each scrape.
     pub fn refresh_gauges(&self) {
         self.metrics.inflight.set(self.inflight() as i64);
+        self.metrics
+            .client_connections
+            .set(self.conns.open() as i64);
         let runtime = self.runtime();
         let probabilities = runtime.router.selection_probabilities();
         for (i, node) in runtime.nodes.iter().enumerate() {
@@ -92,6 +106,9 @@ fn set_config_gauges(metrics: &Metrics, runtime: &Runtime) {
     metrics
         .concurrency_peak
         .set(config.limits.concurrency_peak as i64);
+    metrics
+        .max_connections
+        .set(config.limits.max_connections as i64);
     for (name, queue) in [
         ("deferred", &config.deferred_queue),
         ("upfront", &config.upfront_queue),

@@ -47,6 +47,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_proxy::FailToProxy;
 
+use crate::conn::ClientConn;
 use crate::failure::{self, AttemptError, Failure, Phase};
 use crate::forward::{self, Client};
 use crate::metrics::{Outcome, Rejection, RetryReason};
@@ -67,6 +68,25 @@ fn client_of(session: &Session) -> Client {
 }
 
 impl Gateway {
+    /// 429 Request Discarded: the concurrency peak, or the client's own limit, is reached.
+    async fn refuse_busy(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        why: Rejection,
+    ) -> Result<()> {
+        ctx.outcome = Outcome::Rejected;
+        self.metrics.rejected(why);
+        if why == Rejection::Concurrency {
+            self.logs.error_line("gateway", 601, "GATEWAY_FLOODED");
+        }
+        let answer = Answer {
+            retry_after: Some(1),
+            ..Answer::new(429, "Request Discarded")
+        };
+        respond::send(session, ctx, &answer, false).await
+    }
+
     /// Answers an ACME HTTP-01 challenge request if its token is pending.
     async fn answer_acme_challenge(&self, session: &mut Session) -> Result<bool> {
         let path = String::from_utf8_lossy(session.req_header().raw_path()).into_owned();
@@ -151,6 +171,11 @@ impl ProxyHttp for Gateway {
     /// Client ids, keep-alive, ACME challenges, admission (concurrency peak), the upfront
     /// queue, and the body copy for replay and deferral.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // The head is in: the connection's head deadline ends, its body's (if any) begins.
+        let has_body = body::has_body(session);
+        if let Some(conn) = ClientConn::of(session) {
+            conn.head_done(has_body);
+        }
         ctx.client = Some(client_of(session));
         // A client that asked for no keep-alive (HTTP/1.0 without it, `Connection: close`)
         // keeps its choice; weir bounds the idle time of the others. Pipelined requests are
@@ -180,19 +205,15 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        let peak = ctx.runtime.config.limits.concurrency_peak;
-        match self.admission.try_admit(peak) {
-            Some(slot) => ctx.slot = Some(slot),
-            None => {
-                ctx.outcome = Outcome::Rejected;
-                self.metrics.rejected(Rejection::Concurrency);
-                self.logs.error_line("gateway", 601, "GATEWAY_FLOODED");
-                let answer = Answer {
-                    retry_after: Some(1),
-                    ..Answer::new(429, "Request Discarded")
-                };
-                respond::send(session, ctx, &answer, false).await?;
-                return Ok(true);
+        let per_client = ctx.runtime.config.limits.max_requests_per_client;
+        if let (true, Some(ip)) = (per_client > 0, ctx.client.as_ref().and_then(|c| c.ip)) {
+            match self.admission.try_admit_client(ip, per_client) {
+                Some(slot) => ctx.client_slot = Some(slot),
+                None => {
+                    self.refuse_busy(session, ctx, Rejection::ClientLimit)
+                        .await?;
+                    return Ok(true);
+                }
             }
         }
 
@@ -211,17 +232,33 @@ impl ProxyHttp for Gateway {
             defer::enqueue_upfront(self, session, ctx, &queue).await?;
             return Ok(true);
         }
-        if ctx.replay_safe || ctx.deferrable {
-            if let Some(len) = body::content_length(session) {
-                if len > 0 && len <= ctx.runtime.config.limits.max_buffered_body {
-                    match body::capture(session, len).await {
-                        Ok(copy) => ctx.body = Some(copy),
-                        Err(e) => {
-                            ctx.body_failed = true;
-                            return Err(e);
+        // Bodies up to max_buffered_body are read before the request takes a slot: a slow
+        // client waits on weir's memory (bounded by its deadlines), never on the cluster's
+        // capacity. The copy also serves retries and the deferred queue.
+        if let Some(len) = body::content_length(session) {
+            if len > 0 && len <= ctx.runtime.config.limits.max_buffered_body {
+                match body::capture(session, len).await {
+                    Ok(copy) => {
+                        ctx.body = Some(copy);
+                        if let Some(conn) = ClientConn::of(session) {
+                            conn.body_done();
                         }
                     }
+                    Err(e) => {
+                        ctx.body_failed = true;
+                        return Err(e);
+                    }
                 }
+            }
+        }
+
+        let peak = ctx.runtime.config.limits.concurrency_peak;
+        match self.admission.try_admit(peak) {
+            Some(slot) => ctx.slot = Some(slot),
+            None => {
+                self.refuse_busy(session, ctx, Rejection::Concurrency)
+                    .await?;
+                return Ok(true);
             }
         }
         Ok(false)
@@ -287,7 +324,7 @@ impl ProxyHttp for Gateway {
     /// Replay: weir's full copy replaces the tail Pingora replays.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -298,6 +335,11 @@ impl ProxyHttp for Gateway {
             }
             _ if body.as_ref().is_some_and(|b| !b.is_empty()) => ctx.body_streamed = true,
             _ => {}
+        }
+        if end_of_stream {
+            if let Some(conn) = ClientConn::of(session) {
+                conn.body_done();
+            }
         }
         Ok(())
     }
@@ -410,14 +452,22 @@ impl ProxyHttp for Gateway {
         let (answer, close) = match deferred {
             Some(answer) => (answer, false),
             None => {
-                let Some(answer) = respond::final_answer(e, ctx) else {
-                    return done;
+                // A body read weir cut because the client sent it too slowly.
+                let too_slow = ClientConn::of(session).is_some_and(|c| c.timed_out());
+                let answer = if too_slow {
+                    Answer::new(408, "Request Timeout")
+                } else {
+                    let Some(answer) = respond::final_answer(e, ctx) else {
+                        return done;
+                    };
+                    answer
                 };
                 if answer.status == 400 {
                     self.metrics.rejected(Rejection::BadRequest);
                     ctx.outcome = Outcome::Rejected;
                 } else if answer.status == 408 {
                     // The client's failure (weir_requests_total{code="4xx",outcome="rejected"}).
+                    self.metrics.rejected(Rejection::ClientTimeout);
                     ctx.outcome = Outcome::Rejected;
                 } else if ctx.outcome == Outcome::Proxied {
                     ctx.outcome = Outcome::Failed;
@@ -438,6 +488,10 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release();
         ctx.slot = None;
+        ctx.client_slot = None;
+        if let Some(conn) = ClientConn::of(session) {
+            conn.request_done();
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

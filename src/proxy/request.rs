@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::admission::Slot;
+use super::admission::{ClientSlot, Slot};
 use crate::failure::Failure;
 use crate::forward::Client;
 use crate::logs::Logs;
@@ -45,6 +45,8 @@ pub struct RequestCtx {
     pub runtime: Arc<Runtime>,
     pub started: Instant,
     pub slot: Option<Slot>,
+    /// This request counted against its client address (`limits.max_requests_per_client`).
+    pub client_slot: Option<ClientSlot>,
     /// The client's side of the forwarding headers and the request's ids (set by
     /// `request_filter`, before anything else can answer).
     pub client: Option<Client>,
@@ -77,6 +79,7 @@ impl RequestCtx {
             runtime,
             started: Instant::now(),
             slot: None,
+            client_slot: None,
             client: None,
             replay_safe: false,
             deferrable: false,

@@ -1,7 +1,6 @@
 //! Responses weir writes itself: small JSON bodies that keep ServiceQ's `sq_msg` key, valid
 //! HTTP/1.1 framing, the request id and the configured response headers.
 
-use bytes::Bytes;
 use http::header::HeaderName;
 use pingora::prelude::*;
 use pingora_error::{ErrorSource, ErrorType};
@@ -32,9 +31,7 @@ impl Answer {
     }
 }
 
-pub fn body_of(message: &str) -> Bytes {
-    Bytes::from(format!("{{\"sq_msg\":\"{message}\"}}"))
-}
+pub use crate::conn::answer_body as body_of;
 
 /// Writes `answer` downstream. Keeps the client connection reusable unless `close` is set.
 pub async fn send(
