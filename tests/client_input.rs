@@ -260,3 +260,27 @@ async fn a_client_that_stalls_its_body_gets_408_and_leaves_the_nodes_blameless()
     let resp = gw.send(&Request::get("/after")).await;
     assert_eq!(resp.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_under_chunked_is_refused_with_501_not_stripped() {
+    let a = Upstream::start("a").await;
+    let gw = Gateway::builder().upstream(&a).start().await;
+    // gzip under chunked: Pingora would decode the chunks and pass the gzip bytes as if plain.
+    let mut wire = wire_to(
+        gw.addr(),
+        b"POST /gz HTTP/1.1\r\nHost: t\r\nX-Request-Id: gz1\r\n\
+          Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let head = wire.read_response_head().await.expect("response");
+    assert_eq!(head.status, 501);
+    let body = wire.read_response_body("POST", &head).await.expect("body");
+    assert_eq!(body, br#"{"sq_msg":"Not Implemented"}"#);
+    assert!(
+        closes(&mut wire).await,
+        "the unread body ends the connection"
+    );
+    assert_eq!(a.count(), 0, "nothing reached the node");
+    let line = gw.access_line("gz1").await;
+    assert_eq!(line["status"], 501, "{line}");
+}

@@ -66,6 +66,8 @@ struct Lines<'a> {
 impl<'a> Lines<'a> {
     fn read(path: &'a Path, text: &'a str) -> Result<Self, ConfigError> {
         let mut entries: HashMap<&str, Entry> = HashMap::new();
+        // A UTF-8 byte order mark (as some Windows editors save) is not part of the first key.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let err = |msg: String| ConfigError::new(path, Some(line), msg);

@@ -75,11 +75,27 @@ pub fn add_common_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result
 }
 
 /// What weir refuses before anything else: an HTTP/1.1 request without a `Host` (RFC 9112
-/// §3.2; Pingora itself refuses several).
+/// §3.2; Pingora itself refuses several), and a transfer coding other than `chunked` alone
+/// (RFC 9112 §6.1: 501). Pingora would decode the chunked framing and drop the coding under
+/// it (`gzip, chunked`), so the node would get a body the client never meant.
 pub fn malformed(req: &RequestHeader) -> Option<Answer> {
     let no_host =
         req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST);
-    no_host.then(|| Answer::new(400, "Bad Request"))
+    if no_host {
+        return Some(Answer::new(400, "Bad Request"));
+    }
+    let mut codings = req
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    let only_chunked = match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    };
+    (!only_chunked).then(|| Answer::new(501, "Not Implemented"))
 }
 
 /// The answer table for a request that no attempt served (and no queue took): `None` when the
@@ -119,6 +135,41 @@ pub fn final_answer(e: &Error, ctx: &RequestCtx) -> Option<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("POST", b"/", None).expect("head");
+        for (name, value) in headers {
+            req.append_header(name.to_string(), *value).expect("header");
+        }
+        req
+    }
+
+    #[test]
+    fn only_chunked_alone_is_an_accepted_transfer_coding() {
+        let ok = [
+            vec![("host", "a")],
+            vec![("host", "a"), ("transfer-encoding", "chunked")],
+            vec![("host", "a"), ("transfer-encoding", " Chunked ")],
+        ];
+        for headers in ok {
+            assert!(malformed(&request(&headers)).is_none(), "{headers:?}");
+        }
+        let refused = [
+            vec![("host", "a"), ("transfer-encoding", "gzip, chunked")],
+            vec![
+                ("host", "a"),
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+            vec![("host", "a"), ("transfer-encoding", "chunked, chunked")],
+            vec![("host", "a"), ("transfer-encoding", "identity")],
+        ];
+        for headers in refused {
+            let answer = malformed(&request(&headers));
+            assert_eq!(answer.map(|a| a.status), Some(501), "{headers:?}");
+        }
+        assert_eq!(malformed(&request(&[])).map(|a| a.status), Some(400));
+    }
 
     #[test]
     fn bodies_keep_the_serviceq_key() {

@@ -465,3 +465,9 @@ fn windows_line_endings_are_accepted() {
     let c = config("ENDPOINTS=http://127.0.0.1:9001\r\nRETRY_GAP=2\r\n");
     assert_eq!(c.retries.gap, Duration::from_secs(2));
 }
+
+#[test]
+fn a_byte_order_mark_before_the_first_key_is_ignored() {
+    let c = config(&format!("\u{feff}LISTENER_PORT=5353\n{ENDPOINTS}"));
+    assert_eq!(c.listen[0].addr, "0.0.0.0:5353");
+}
