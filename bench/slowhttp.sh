@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Slow-client attacks against weir, nginx and HAProxy, side by side in one run.
 #
-#   bench/slowhttp.sh [--weir CMD] [--conns N] [--secs S] [--modes "H B"]
+#   bench/slowhttp.sh [--weir CMD] [--conns N] [--secs S] [--modes "H B"] [--body BYTES]
+#                     [--only NAME]
 #
 # For each proxy (nginx, HAProxy, weir; each on 127.0.0.1:18090 over two nginx upstreams on
 # :18081/:18082, as in shared/bench/peers.sh) and each slowhttptest mode (-H slow headers a.k.a.
 # Slowloris, -B slow body a.k.a. R-U-Dead-Yet), it runs slowhttptest with N connections (3000)
 # for S seconds (30) and, from the same address, one probe GET every 0.2 s (each allowed 2 s).
-# Prints, per proxy and mode, the probes answered 200 out of those sent.
+# Prints, per proxy and mode, the probes answered 200 out of those sent. --body sets the
+# Content-Length the slow-body mode announces (4096; above weir's max_buffered_body the body
+# streams to a node and holds a concurrency slot), --only runs one proxy.
 # weir runs with its default limits (bench/weir-slowhttp.yaml). Needs slowhttptest nginx
 # haproxy curl (apt-get install -y slowhttptest nginx haproxy curl). Loopback only; every loop
 # is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CONNS=3000 SECS=30 MODES="H B"
+CONNS=3000 SECS=30 MODES="H B" BODY=4096 ONLY=""
 WEIR="target/release/weir run -c bench/weir-slowhttp.yaml"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -22,6 +25,8 @@ while [ $# -gt 0 ]; do
     --conns) CONNS="$2"; shift 2 ;;
     --secs) SECS="$2"; shift 2 ;;
     --modes) MODES="$2"; shift 2 ;;
+    --body) BODY="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -97,11 +102,12 @@ probe() {
 printf '%-8s %-22s %8s %8s %6s\n' proxy mode ok sent share
 for i in "${!NAMES[@]}"; do
   name=${NAMES[$i]}
+  [ -n "$ONLY" ] && [ "$ONLY" != "$name" ] && continue
   for mode in $MODES; do
     wait_closed 18090
     $(echo "${CMDS[$i]}") >"$W/$name.$mode.log" 2>&1 & pid=$!; PIDS+=($pid)
     wait_port 18090
-    slowhttptest -"$mode" -c "$CONNS" -r 500 -l "$SECS" -i 10 -p 3 \
+    slowhttptest -"$mode" -c "$CONNS" -r 500 -l "$SECS" -i 10 -p 3 -s "$BODY" \
       -u http://127.0.0.1:18090/ >"$W/slowhttptest.$name.$mode.log" 2>&1 & att=$!
     sleep 3 # let the attack open its connections first
     read -r ok sent < <(probe $((SECS - 5)))

@@ -343,3 +343,48 @@ async fn pingoras_own_refusals_come_in_weirs_format_logged_and_counted() {
         3.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_streaming_to_a_node_hold_at_most_half_the_peak() {
+    let a = Upstream::start("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml("limits: {concurrency_peak: 2, max_buffered_body: 1KiB}")
+        .start()
+        .await;
+    // A body over max_buffered_body streams to the node: the first takes one of the two slots.
+    let head = |i: usize| {
+        format!(
+            "POST /upload{i} HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n{}",
+            "x".repeat(2048)
+        )
+    };
+    let mut first = wire_to(gw.addr(), head(1).as_bytes()).await;
+    gw.wait_for_metric(
+        "weir_inflight_requests",
+        &[],
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // A second upload would make half the peak uploads: refused.
+    let mut second = wire_to(gw.addr(), head(2).as_bytes()).await;
+    let (status, body, _) = answer(&mut second, "POST").await;
+    assert_eq!(status, 429);
+    assert_eq!(body, br#"{"sq_msg":"Request Discarded"}"#);
+    // A request that is all there still gets the other slot.
+    assert_eq!(gw.get("/whole").await.status, 200);
+    // The first upload finishes and is delivered whole.
+    first
+        .write_all(&vec![b'x'; 100_000 - 2048])
+        .await
+        .expect("rest of the body");
+    assert_eq!(answer(&mut first, "POST").await.0, 200);
+    let got: Vec<(String, usize)> = a
+        .requests()
+        .into_iter()
+        .map(|r| (r.target, r.body.len()))
+        .collect();
+    assert!(got.contains(&("/upload1".to_string(), 100_000)), "{got:?}");
+    assert!(!got.iter().any(|(t, _)| t == "/upload2"), "{got:?}");
+}

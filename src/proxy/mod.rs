@@ -253,7 +253,8 @@ impl ProxyHttp for Gateway {
         }
 
         let peak = ctx.runtime.config.limits.concurrency_peak;
-        match self.admission.try_admit(peak) {
+        let uploading = has_body && ctx.body.is_none();
+        match self.admission.try_admit(peak, uploading) {
             Some(slot) => ctx.slot = Some(slot),
             None => {
                 self.refuse_busy(session, ctx, Rejection::Concurrency)
@@ -339,6 +340,9 @@ impl ProxyHttp for Gateway {
         if end_of_stream {
             if let Some(conn) = ClientConn::of(session) {
                 conn.body_done();
+            }
+            if let Some(slot) = &mut ctx.slot {
+                slot.body_done();
             }
         }
         Ok(())
