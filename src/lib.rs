@@ -8,6 +8,7 @@
 //! config                     the typed config and its two readers
 //! routing, failure           pure cores: node scores and choice; the failure taxonomy
 //! metrics, logs, certs       metric handles; access/error logs; the certificate store
+//! abort                      abortable attempts in flight (socket duplicates)
 //! runtime                    the running state built from one config (nodes, router)
 //! forward                    the forwarding policy (the upstream request head)
 //! conn                       client connections: counts, head and body deadlines
@@ -17,6 +18,8 @@
 //! server, demo               the assembled Pingora server; `weir demo`
 //! ```
 
+/// Abort on stall: the attempts in flight that weir may shut down when their node stalls.
+pub mod abort;
 /// ACME: obtains and renews the listeners' certificate (HTTP-01).
 pub mod acme;
 /// Admin listener: status page, /status.json, /metrics, /healthz, /queue.

@@ -62,7 +62,7 @@ const ACME_ORDER_RESULTS: [&str; 2] = ["ok", "failed"];
 /// `weir_retries_total{reason}` values: why the previous attempt of the request ended. The first
 /// six are the failure results of [`ATTEMPT_RESULTS`] (index − 1); the last is a pooled
 /// connection the node had closed, retried on the same node without blaming it.
-pub const RETRY_REASONS: [&str; 7] = [
+pub const RETRY_REASONS: [&str; 8] = [
     "connect_refused",
     "connect_timeout",
     "timeout",
@@ -70,6 +70,7 @@ pub const RETRY_REASONS: [&str; 7] = [
     "bad_response",
     "status",
     "stale_connection",
+    "stall",
 ];
 
 /// Why a request makes another attempt (an index into [`RETRY_REASONS`]).
@@ -78,6 +79,8 @@ pub struct RetryReason(u8);
 
 impl RetryReason {
     pub const STALE_CONNECTION: RetryReason = RetryReason(6);
+    /// weir aborted the previous attempt because its node stalled.
+    pub const STALL: RetryReason = RetryReason(7);
 
     /// After a failed attempt whose `weir_upstream_attempts_total` result index is `index`.
     pub fn after_failure(result_index: usize) -> RetryReason {
@@ -146,6 +149,10 @@ pub struct Metrics {
     /// `limits.max_connections` in force.
     pub max_connections: IntGauge,
     connections_refused: [IntCounter; CONNECTION_REFUSALS.len()],
+    /// Attempts weir ended because their node stalled (sent again elsewhere when allowed).
+    pub attempts_aborted: IntCounter,
+    /// Extra attempts the retry budget refused.
+    pub retry_budget_exhausted: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -407,6 +414,22 @@ impl Metrics {
         );
         let connections_refused =
             CONNECTION_REFUSALS.map(|reason| refused_vec.with_label_values(&[reason]));
+        let attempts_aborted = register(
+            &r,
+            IntCounter::new(
+                "weir_attempts_aborted_total",
+                "Attempts ended by weir because their node stalled",
+            )
+            .expect("valid metric"),
+        );
+        let retry_budget_exhausted = register(
+            &r,
+            IntCounter::new(
+                "weir_retry_budget_exhausted_total",
+                "Extra attempts (retries) refused by the retry budget",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -445,6 +468,8 @@ impl Metrics {
             client_connections,
             max_connections,
             connections_refused,
+            attempts_aborted,
+            retry_budget_exhausted,
         })
     }
 
@@ -540,6 +565,8 @@ pub struct Totals {
     pub by_code: Counts,
     pub rejected: Counts,
     pub retries: Counts,
+    pub attempts_aborted: u64,
+    pub retry_budget_exhausted: u64,
     pub reloads: Counts,
 }
 
@@ -577,6 +604,8 @@ impl Metrics {
             by_code,
             rejected: pairs(&REJECTION_REASONS, &self.rejected),
             retries: pairs(&RETRY_REASONS, &self.retries),
+            attempts_aborted: self.attempts_aborted.get(),
+            retry_budget_exhausted: self.retry_budget_exhausted.get(),
             reloads: Counts(
                 RELOAD_RESULTS
                     .iter()

@@ -5,17 +5,20 @@
 //! learn from both alike.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::abort::AbortRegistry;
 use crate::config::{Config, Scheme, Upstream};
 use crate::failure::Failure;
 use crate::logs::Logs;
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::routing::{Clock, Outcome, Router, RouterSettings, SystemClock};
+use crate::routing::{
+    BudgetTerms, Clock, Outcome, RetryBudget, Router, RouterSettings, SystemClock,
+};
 
 /// Where the runtime in force lives: requests load it once at their start, a reload swaps it.
 pub type RuntimeCell = Arc<ArcSwap<Runtime>>;
@@ -28,6 +31,8 @@ pub struct Node {
     pub metrics: NodeMetrics,
     /// `host:port` for `upstream_host: rewrite`.
     pub host_header: HeaderValue,
+    /// Its attempts that may be aborted when it stalls (kept across reloads, like its state).
+    pub aborts: Arc<AbortRegistry>,
 }
 
 /// Everything a request needs from the config, built once per (re)load and shared read-only.
@@ -61,10 +66,17 @@ impl Runtime {
             .iter()
             .map(|u| old.nodes.iter().position(|o| o.upstream.url == u.url))
             .collect();
+        let aborts = |u: &Upstream| {
+            old.nodes
+                .iter()
+                .find(|o| o.upstream.url == u.url)
+                .map(|o| o.aborts.clone())
+        };
         Self::assemble(
             config,
             metrics,
             old.clock.clone(),
+            aborts,
             |weights, settings, clock| {
                 Router::with_carried_state(weights, settings, clock, &old.router, &carry)
             },
@@ -76,13 +88,14 @@ impl Runtime {
         metrics: &Metrics,
         clock: Arc<dyn Clock>,
     ) -> Result<Runtime, String> {
-        Self::assemble(config, metrics, clock, Router::new)
+        Self::assemble(config, metrics, clock, |_| None, Router::new)
     }
 
     fn assemble(
         config: Config,
         metrics: &Metrics,
         clock: Arc<dyn Clock>,
+        aborts: impl Fn(&Upstream) -> Option<Arc<AbortRegistry>>,
         router: impl FnOnce(&[u32], RouterSettings, Arc<dyn Clock>) -> Router,
     ) -> Result<Runtime, String> {
         let mut nodes = Vec::with_capacity(config.upstreams.len());
@@ -92,6 +105,7 @@ impl Runtime {
                 metrics: metrics.node(&u.url),
                 host_header: HeaderValue::from_str(&host_port(u))
                     .map_err(|e| format!("upstream {}: bad host: {e}", u.url))?,
+                aborts: aborts(u).unwrap_or_default(),
                 upstream: u.clone(),
             });
         }
@@ -160,6 +174,57 @@ impl Runtime {
                 logs.error_line(&n.upstream.url, code, name);
             }
         }
+    }
+}
+
+impl Runtime {
+    /// Feeds an attempt weir aborted because its node stalled: a timeout for the metrics and
+    /// the error log, a failure for the node's score, but not progress (see
+    /// `Router::finish_stalled`).
+    pub fn record_aborted(&self, logs: &Logs, node: usize) {
+        let Some(n) = self.nodes.get(node) else {
+            return;
+        };
+        self.router.finish_stalled(node);
+        let failure = Failure::Timeout;
+        n.metrics.attempt_done(failure.result_index(), None);
+        let (code, name) = failure.serviceq_code();
+        logs.error_line(&n.upstream.url, code, name);
+    }
+
+    /// The retry budget's terms (`retries.budget`, `retries.budget_floor`).
+    pub fn budget_terms(&self) -> BudgetTerms {
+        BudgetTerms {
+            share: self.config.retries.budget,
+            floor_per_sec: self.config.retries.budget_floor,
+        }
+    }
+
+    /// Aborts the abortable attempts on stalled nodes that are older than the abort age:
+    /// `max(retries.abort_after, 4 × the node's latency estimate)`, so a node whose answers
+    /// are slow by nature is not mistaken for a stuck one. Each abort takes its retry from
+    /// `budget` first. Returns how many were aborted and how many the budget refused.
+    pub fn abort_stalled(&self, now: Instant, budget: &RetryBudget) -> (usize, usize) {
+        let retries = &self.config.retries;
+        let mut total = (0, 0);
+        if !retries.abort_on_stall {
+            return total;
+        }
+        let terms = self.budget_terms();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.aborts.is_empty() || self.router.stalled_for(i).is_none() {
+                continue;
+            }
+            let typical = self.router.latency(i).unwrap_or_default() * 4;
+            let (aborted, refused) =
+                node.aborts
+                    .abort_older_than(now, retries.abort_after.max(typical), || {
+                        budget.try_withdraw(terms)
+                    });
+            total.0 += aborted;
+            total.1 += refused;
+        }
+        total
     }
 }
 

@@ -367,6 +367,12 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
             ReplayService(replay),
         ));
     }
+    server.add_service(background_service(
+        "weir stall watch",
+        StallWatch {
+            gateway: gateway.clone(),
+        },
+    ));
     let reloader = opts
         .config_path
         .as_deref()
@@ -418,6 +424,36 @@ impl BackgroundService for Signals {
                     Some(r) => r.reload_and_log(),
                     None => log::warn!("SIGHUP: this process has no config file to reload"),
                 },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Abort on stall: every few milliseconds, the abortable attempts on stalled nodes are ended
+/// (see `abort.rs`). Tokio's timer, not Pingora's 10 ms ticks; a sweep that finds no
+/// registered attempt costs an atomic load per node.
+struct StallWatch {
+    gateway: Arc<Gateway>,
+}
+
+/// Period of the stall watch.
+const STALL_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(2);
+
+#[async_trait]
+impl BackgroundService for StallWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(STALL_WATCH_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let g = &self.gateway;
+                    let (aborted, refused) =
+                        g.runtime().abort_stalled(std::time::Instant::now(), &g.budget);
+                    g.metrics.attempts_aborted.inc_by(aborted as u64);
+                    g.metrics.retry_budget_exhausted.inc_by(refused as u64);
+                }
                 _ = shutdown.changed() => return,
             }
         }

@@ -280,7 +280,7 @@ impl Default for Routing {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a map of retry settings")]
 pub struct Retries {
     /// Total attempts per request; 0 (the default) = one per upstream.
@@ -289,6 +289,32 @@ pub struct Retries {
     /// Pause between two attempts of one request (not after the last). Default 0.
     #[serde(with = "units::duration")]
     pub gap: Duration,
+    /// Extra attempts (retries, aborted attempts sent again) as a share of the requests of the
+    /// last 10 s; `None` (`off`): no budget, every safe retry up to `max_attempts`.
+    #[serde(with = "units::percent_or_off")]
+    pub budget: Option<f64>,
+    /// Extra attempts per second allowed whatever the share (a quiet gateway can still retry).
+    #[serde(with = "units::rate_or_zero")]
+    pub budget_floor: u32,
+    /// End the replay-safe attempts stuck on a node the router judges stalled, and send them
+    /// to another node.
+    pub abort_on_stall: bool,
+    /// The youngest attempt an abort may end (at least 4 × the node's usual latency, too).
+    #[serde(with = "units::positive_duration")]
+    pub abort_after: Duration,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            max_attempts: 0,
+            gap: Duration::ZERO,
+            budget: Some(0.2),
+            budget_floor: 10,
+            abort_on_stall: true,
+            abort_after: Duration::from_millis(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

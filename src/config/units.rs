@@ -270,6 +270,61 @@ pub mod rate {
     }
 }
 
+/// Events per second like [`rate`], `0` allowed (none); printed as `N/s`.
+pub mod rate_or_zero {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        Scalar::new("a rate such as 10/s, or 0", parse).read(d)
+    }
+
+    pub use super::rate::serialize;
+
+    pub fn parse(s: &str) -> Result<u32, String> {
+        match s.trim() {
+            "0" | "0/s" | "0/m" | "0/h" => Ok(0),
+            t => parse_rate(t),
+        }
+    }
+}
+
+/// A share such as `20%` (0 to 1000%), or `off` (no limit); printed as `N%` or `off`.
+pub mod percent_or_off {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Scalar::new("a percentage such as 20%, or off", parse)
+            .null_as("off")
+            .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(p: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_str(&format!("{}%", p * 100.0)),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Option<f64>, String> {
+        let t = s.trim();
+        if t == "off" || t == "none" {
+            return Ok(None);
+        }
+        let bad =
+            || format!("invalid percentage `{t}`: expected a number and `%` (e.g. 20%), or off");
+        let n: f64 = t
+            .strip_suffix('%')
+            .ok_or_else(bad)?
+            .trim()
+            .parse()
+            .map_err(|_| bad())?;
+        if !(0.0..=1000.0).contains(&n) {
+            return Err(format!("percentage `{t}` must be between 0% and 1000%"));
+        }
+        Ok(Some(n / 100.0))
+    }
+}
+
 /// Bytes per second, such as `1KiB/s`, or `0`/`off` for no minimum; printed as `N/s` or `off`.
 pub mod byte_rate_or_off {
     use super::*;

@@ -11,6 +11,7 @@ use crate::conn::{ConnShared, Connections};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::queue::Queues;
+use crate::routing::{RetryBudget, SystemClock};
 use crate::runtime::{Runtime, RuntimeCell};
 
 /// Cheap to clone: the proxy service and the admin/background services share one gateway.
@@ -30,6 +31,8 @@ pub struct Gateway {
     pub conns: Arc<Connections>,
     /// What each client connection needs of the gateway.
     pub conn_shared: Arc<ConnShared>,
+    /// One retry budget for every extra attempt, across reloads.
+    pub budget: Arc<RetryBudget>,
 }
 
 impl Gateway {
@@ -51,6 +54,7 @@ impl Gateway {
             logs,
             conns: Arc::default(),
             conn_shared,
+            budget: Arc::new(RetryBudget::new(Arc::new(SystemClock::new()))),
             queues,
             acme: Arc::default(),
             certs: Arc::default(),

@@ -107,7 +107,31 @@ impl Gateway {
     /// attempt may follow (`true`).
     fn node_failed(&self, session: &Session, ctx: &mut RequestCtx, f: Failure) -> bool {
         ctx.end(&self.logs, Err(f));
-        let retry = retry::after_failure(session, ctx, f);
+        let retry = self.budgeted(retry::after_failure(session, ctx, f), ctx);
+        ctx.decide(retry);
+        retry.is_some()
+    }
+
+    /// A retry the policy allows is taken from the retry budget; over budget it is refused
+    /// (and counted): the request is answered (or queued) without it.
+    fn budgeted(&self, retry: Option<RetryReason>, ctx: &RequestCtx) -> Option<RetryReason> {
+        let retry = retry?;
+        if self.budget.try_withdraw(ctx.runtime.budget_terms()) {
+            Some(retry)
+        } else {
+            self.metrics.retry_budget_exhausted.inc();
+            None
+        }
+    }
+
+    /// weir aborted the attempt in flight because its node stalled: the node's failure
+    /// (neither progress nor the node having closed a connection), and another attempt on
+    /// another node (registration made sure one is left).
+    fn stall_aborted(&self, session: &Session, ctx: &mut RequestCtx) -> bool {
+        ctx.end_aborted(&self.logs);
+        // The stall watch took this retry from the budget before it aborted.
+        let retry =
+            retry::after_failure(session, ctx, Failure::Timeout).map(|_| RetryReason::STALL);
         ctx.decide(retry);
         retry.is_some()
     }
@@ -126,6 +150,9 @@ impl Gateway {
         // The client's whole request body has been read (or it has none).
         let body_done = session.as_mut().is_body_done();
         let session = &*session;
+        if ctx.take_abort() && matches!(phase, Phase::Exchange { .. }) {
+            return self.stall_aborted(session, ctx);
+        }
         match failure::classify(e, phase) {
             AttemptError::Node(Failure::Timeout) if !body_done => {
                 e.as_down();
@@ -262,6 +289,8 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
+        // The request goes to a node: it earns the retry budget its share.
+        self.budget.deposit();
         Ok(false)
     }
 
@@ -290,15 +319,27 @@ impl ProxyHttp for Gateway {
     /// is written to it, so that the request can go out again on another connection.
     async fn connected_to_upstream(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         reused: bool,
         _peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
         _digest: Option<&Digest>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         if reused && retry::pooled_connection_closed(fd) {
             return Err(failure::stale_unsent());
+        }
+        // An attempt that may be sent again is registered for abort on stall.
+        if let Attempt::InFlight { node, started, .. } = ctx.attempt {
+            let abortable = ctx.runtime.config.retries.abort_on_stall
+                && ctx.replay_safe
+                && (ctx.body.is_some() || !body::has_body(session))
+                && ctx.tried.len() < ctx.runtime.attempt_limit();
+            if abortable {
+                if let Some(n) = ctx.runtime.nodes.get(node) {
+                    ctx.abort = n.aborts.register(fd, started);
+                }
+            }
         }
         Ok(())
     }
@@ -359,6 +400,14 @@ impl ProxyHttp for Gateway {
         let status = upstream_response.status.as_u16();
         if status < 200 {
             return Ok(());
+        }
+        // From here on an abort would cut a response: the registration ends. An abort that
+        // came first left the connection shut: the attempt failed after all.
+        if ctx.take_abort() {
+            let mut e =
+                Error::explain(ErrorType::ConnectionClosed, "attempt aborted: node stalled");
+            e.as_up();
+            return Err(e);
         }
         if !ctx.runtime.is_failure_status(status) {
             ctx.end(&self.logs, Ok(()));

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::admission::{ClientSlot, Slot};
+use crate::abort::AbortGuard;
 use crate::failure::Failure;
 use crate::forward::Client;
 use crate::logs::Logs;
@@ -70,6 +71,11 @@ pub struct RequestCtx {
     pub last_failure: Option<Failure>,
     /// Some attempt may have reached a node (anything but a connect failure).
     pub maybe_sent: bool,
+    /// The attempt in flight may be aborted if its node stalls (registered until its response
+    /// header arrives or it ends).
+    pub abort: Option<AbortGuard>,
+    /// The attempt in flight was aborted because its node stalled.
+    pub aborted: bool,
     pub outcome: Outcome,
 }
 
@@ -91,6 +97,8 @@ impl RequestCtx {
             stale_retries: 0,
             last_failure: None,
             maybe_sent: false,
+            abort: None,
+            aborted: false,
             outcome: Outcome::Proxied,
         }
     }
@@ -107,6 +115,8 @@ impl RequestCtx {
     pub fn start(&mut self, node: usize) {
         self.runtime.router.start(node);
         self.tried.push(node);
+        self.abort = None;
+        self.aborted = false;
         self.attempt = Attempt::InFlight {
             node,
             started: Instant::now(),
@@ -120,6 +130,7 @@ impl RequestCtx {
         let Attempt::InFlight { node, started, .. } = self.attempt else {
             return;
         };
+        self.abort = None;
         self.attempt = Attempt::Ended { retry: None };
         self.runtime
             .record_attempt(logs, node, result, started.elapsed());
@@ -133,6 +144,7 @@ impl RequestCtx {
 
     /// Releases the attempt in flight without a verdict: the node is not to blame.
     pub fn release(&mut self) {
+        self.abort = None;
         if let Attempt::InFlight { node, .. } = self.attempt {
             self.runtime.router.cancel(node);
             self.attempt = Attempt::Idle;
@@ -146,6 +158,28 @@ impl RequestCtx {
         self.tried.pop();
         self.stale_retries = self.stale_retries.saturating_add(1);
         self.attempt = Attempt::Ended { retry };
+    }
+
+    /// Ends the attempt's abort registration; `true` when weir had already aborted it (its
+    /// node stalled), which is then remembered in `aborted`.
+    pub fn take_abort(&mut self) -> bool {
+        if let Some(guard) = self.abort.take() {
+            self.aborted |= guard.aborted();
+        }
+        self.aborted
+    }
+
+    /// Ends an attempt weir aborted on a stalled node: a failure for the node's score (a
+    /// timeout in the metrics and the error log) that is not progress.
+    pub fn end_aborted(&mut self, logs: &Logs) {
+        let Attempt::InFlight { node, .. } = self.attempt else {
+            return;
+        };
+        self.abort = None;
+        self.attempt = Attempt::Ended { retry: None };
+        self.runtime.record_aborted(logs, node);
+        self.last_failure = Some(Failure::Timeout);
+        self.maybe_sent = true;
     }
 
     /// Records the retry decision for the attempt that just ended.

@@ -52,6 +52,7 @@
 //! to the point); if a concurrent update shrinks the weights between them, the last eligible
 //! node is taken.
 
+pub mod budget;
 mod clock;
 mod node;
 #[cfg(test)]
@@ -63,6 +64,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::config::Algorithm;
+pub use budget::{BudgetTerms, RetryBudget};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use node::{Outcome, SCORE_CAP};
 
@@ -239,6 +241,28 @@ impl Router {
             slot.state
                 .finish(outcome, elapsed_us, now, self.inv_half_life_us, completions);
         }
+    }
+
+    /// weir abandoned the attempt on `node` because the node stalled: a failure for its score,
+    /// but not progress, so that the node stays stalled (and its other stuck attempts
+    /// abortable) until it really answers something.
+    pub fn finish_stalled(&self, node: usize) {
+        if let Some(slot) = self.slots.get(node) {
+            let now = self.clock.now_us();
+            slot.state.abandon(now, self.inv_half_life_us);
+        }
+    }
+
+    /// How long `node` has gone without progress, when it counts as stalled now (attempts in
+    /// flight and none finished for longer than its expected answer interval, or while its
+    /// peers finished many); `None` otherwise. The same judgement that keeps new attempts off
+    /// it, whatever the algorithm.
+    pub fn stalled_for(&self, node: usize) -> Option<Duration> {
+        let slot = self.slots.get(node)?;
+        let mut pass = FeedbackPass::new(self);
+        let latency = pass.latency_of(&slot.state);
+        pass.stall_age(&slot.state, latency)
+            .map(|us| Duration::from_micros(us as u64))
     }
 
     /// The attempt on `node` ended for a reason that is not the node's (the client went away, a
@@ -534,6 +558,48 @@ impl<'a> FeedbackPass<'a> {
         })
     }
 
+    /// The node's latency estimate (µs), its excess over the fastest node faded while no
+    /// sample refreshes it; the mean of the others without a sample of its own.
+    fn latency_of(&mut self, state: &NodeState) -> f64 {
+        match state.latency_us() {
+            Some(l) => {
+                let best = self.min_latency();
+                if l > best {
+                    // The excess over the fastest node fades while no sample refreshes it.
+                    let idle = self.now().saturating_sub(state.last_sample_us()) as f64;
+                    best + (l - best) * (-idle / node::LATENCY_DECAY_US).exp()
+                } else {
+                    l
+                }
+            }
+            None => self.mean_latency(),
+        }
+    }
+
+    /// The time without progress (µs) of a busy node that counts as stalled; `None` when it
+    /// is idle or not stalled.
+    fn stall_age(&mut self, state: &NodeState, latency: f64) -> Option<f64> {
+        let inflight = state.inflight();
+        if inflight == 0 {
+            return None;
+        }
+        // A healthy node with `inflight` attempts answers one about every
+        // latency / inflight; measured against the fastest node's latency (its own peak
+        // estimate includes queueing), so piling-up requests are noticed sooner.
+        let router = self.router;
+        let reference = latency.min(self.min_latency());
+        let threshold = STALL_FLOOR_US.max(STALL_FACTOR * reference / f64::from(inflight));
+        let age = self.now().saturating_sub(state.last_progress_us()) as f64;
+        // Or: its peers finished many attempts meanwhile and it finished none, whatever
+        // the clock says (this holds when weir itself is the bottleneck, too).
+        let peers_done = router
+            .completions
+            .load(Relaxed)
+            .saturating_sub(state.progress_mark());
+        let stall_peers = STALL_PEER_COMPLETIONS.max(3 * router.slots.len() as u64);
+        (age > threshold || (age > STALL_FLOOR_US && peers_done >= stall_peers)).then_some(age)
+    }
+
     /// `weight × h(e) / (latency × (inflight + 1))`; the spec's `min_cost / cost` form differs
     /// only by a factor common to all nodes, which the draw normalises away.
     fn weight(&mut self, node: usize) -> f64 {
@@ -547,38 +613,11 @@ impl<'a> FeedbackPass<'a> {
         let state = &*slot.state;
         let score = state.score(|| self.now(), router.inv_half_life_us);
         let inflight = state.inflight();
-        let mut latency = match state.latency_us() {
-            Some(l) => {
-                let best = self.min_latency();
-                if l > best {
-                    // The excess over the fastest node fades while no sample refreshes it.
-                    let idle = self.now().saturating_sub(state.last_sample_us()) as f64;
-                    best + (l - best) * (-idle / node::LATENCY_DECAY_US).exp()
-                } else {
-                    l
-                }
-            }
-            None => self.mean_latency(),
-        };
+        let mut latency = self.latency_of(state);
         let mut penalty = 1.0;
-        if inflight > 0 {
-            // A healthy node with `inflight` attempts answers one about every
-            // latency / inflight; measured against the fastest node's latency (its own peak
-            // estimate includes queueing), so piling-up requests are noticed sooner.
-            let reference = latency.min(self.min_latency());
-            let threshold = STALL_FLOOR_US.max(STALL_FACTOR * reference / f64::from(inflight));
-            let age = self.now().saturating_sub(state.last_progress_us()) as f64;
-            // Or: its peers finished many attempts meanwhile and it finished none, whatever
-            // the clock says (this holds when weir itself is the bottleneck, too).
-            let peers_done = router
-                .completions
-                .load(Relaxed)
-                .saturating_sub(state.progress_mark());
-            let stall_peers = STALL_PEER_COMPLETIONS.max(3 * router.slots.len() as u64);
-            if age > threshold || (age > STALL_FLOOR_US && peers_done >= stall_peers) {
-                latency = latency.max(age);
-                penalty = STALLED_PENALTY;
-            }
+        if let Some(age) = self.stall_age(state, latency) {
+            latency = latency.max(age);
+            penalty = STALLED_PENALTY;
         }
         penalty * f64::from(slot.weight) * health_factor(score)
             / (latency * (f64::from(inflight) + 1.0))

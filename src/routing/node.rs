@@ -129,6 +129,16 @@ impl NodeState {
         self.update_score(outcome, now_us, inv_half_life_us);
     }
 
+    /// An attempt weir abandoned on a stalled node: in-flight -1 and a failure for the score
+    /// and ServiceQ's counter, without counting as progress (the node answered nothing).
+    pub fn abandon(&self, now_us: u64, inv_half_life_us: f64) {
+        let _ = self
+            .inflight
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        self.sq_errors.fetch_add(1, Relaxed);
+        self.update_score(Outcome::Failure, now_us, inv_half_life_us);
+    }
+
     fn update_score(&self, outcome: Outcome, now_us: u64, inv_half_life_us: f64) {
         let now = now_us.min(STAMP_MAX);
         let mut current = self.score.load(Relaxed);

@@ -612,3 +612,42 @@ fn node_that_finishes_nothing_while_its_peers_finish_many_is_stalled() {
     let p = r.selection_probabilities();
     assert!(p[1] < 1e-6, "{p:?}");
 }
+
+#[test]
+fn stalled_for_reports_the_same_judgement_as_the_weights() {
+    let (r, clock) = equal(3, Algorithm::Feedback);
+    for node in 0..3 {
+        succeed(&r, node, MS);
+    }
+    assert_eq!(r.stalled_for(1), None, "idle is never stalled");
+    r.start(1);
+    clock.advance(Duration::from_millis(3));
+    assert_eq!(r.stalled_for(1), None, "within 4 × latency");
+    clock.advance(Duration::from_millis(2));
+    assert_eq!(r.stalled_for(1), Some(Duration::from_millis(5)));
+    assert!(r.selection_probabilities()[1] < 1e-6);
+    // Serviceq routing does not use the judgement, but it is still made.
+    let (r, clock) = equal(2, Algorithm::Serviceq);
+    r.start(0);
+    clock.advance(Duration::from_millis(50));
+    assert!(r.stalled_for(0).is_some());
+}
+
+#[test]
+fn an_abandoned_attempt_is_a_failure_but_not_progress() {
+    let (r, clock) = equal(2, Algorithm::Feedback);
+    succeed(&r, 0, MS);
+    succeed(&r, 1, MS);
+    r.start(1);
+    r.start(1);
+    clock.advance(Duration::from_millis(20));
+    let before = r.error_score(1);
+    r.finish_stalled(1);
+    assert_eq!(r.inflight(1), 1);
+    assert!(r.error_score(1) > before);
+    // Still stalled: the other stuck attempt may be abandoned too.
+    assert!(r.stalled_for(1).is_some());
+    r.finish_stalled(1);
+    assert_eq!(r.inflight(1), 0);
+    assert_eq!(r.stalled_for(1), None);
+}
