@@ -181,11 +181,11 @@ impl Runtime {
     /// Feeds an attempt weir aborted because its node stalled: a timeout for the metrics and
     /// the error log, a failure for the node's score, but not progress (see
     /// `Router::finish_stalled`).
-    pub fn record_aborted(&self, logs: &Logs, node: usize) {
+    pub fn record_aborted(&self, logs: &Logs, node: usize, elapsed: Duration) {
         let Some(n) = self.nodes.get(node) else {
             return;
         };
-        self.router.finish_stalled(node);
+        self.router.finish_stalled(node, elapsed);
         let failure = Failure::Timeout;
         n.metrics.attempt_done(failure.result_index(), None);
         let (code, name) = failure.serviceq_code();
@@ -202,7 +202,7 @@ impl Runtime {
 
     /// Aborts the abortable attempts on stalled nodes that are older than the abort age:
     /// `max(retries.abort_after, 4 × the node's latency estimate)`, so a node whose answers
-    /// are slow by nature is not mistaken for a stuck one. Each abort takes its retry from
+    /// are slow by nature is not mistaken for a stuck one (and see `Router::should_abort`). Each abort takes its retry from
     /// `budget` first. Returns how many were aborted and how many the budget refused.
     pub fn abort_stalled(&self, now: Instant, budget: &RetryBudget) -> (usize, usize) {
         let retries = &self.config.retries;
@@ -212,15 +212,16 @@ impl Runtime {
         }
         let terms = self.budget_terms();
         for (i, node) in self.nodes.iter().enumerate() {
-            if node.aborts.is_empty() || self.router.stalled_for(i).is_none() {
+            if node.aborts.is_empty() {
                 continue;
             }
             let typical = self.router.latency(i).unwrap_or_default() * 4;
-            let (aborted, refused) =
-                node.aborts
-                    .abort_older_than(now, retries.abort_after.max(typical), || {
-                        budget.try_withdraw(terms)
-                    });
+            let min_age = retries.abort_after.max(typical);
+            if !self.router.should_abort(i, min_age) {
+                continue;
+            }
+            let grant = || budget.try_withdraw(terms);
+            let (aborted, refused) = node.aborts.abort_older_than(now, min_age, grant);
             total.0 += aborted;
             total.1 += refused;
         }

@@ -123,7 +123,7 @@ async fn a_post_without_idempotency_key_is_never_aborted_nor_sent_twice() {
         .iter()
         .filter(|r| r.target.starts_with("/keyed/"))
         .count();
-    assert!(keyed_on_hung >= 2, "{keyed_on_hung}");
+    assert!(keyed_on_hung >= 1, "{keyed_on_hung}");
     let m = gw.metrics().await;
     let aborted = m.sum_or_zero("weir_attempts_aborted_total", &[]);
     assert_eq!(aborted, keyed_on_hung as f64, "{}", m.text);

@@ -9,6 +9,16 @@ use support::{md5_hex, random_body, Gateway, Request, Upstream};
 
 const ATTEMPTS: &str = "weir_upstream_attempts_total";
 
+/// Attempts weir aborted on these nodes because they stalled (each aborted GET was answered
+/// by another node too: a busy machine can stall a healthy node long enough for an abort).
+async fn aborted_on(gw: &Gateway, nodes: &[&Upstream]) -> usize {
+    let m = gw.metrics().await;
+    nodes
+        .iter()
+        .map(|n| m.sum_or_zero(ATTEMPTS, &[("upstream", &n.url()), ("result", "timeout")]))
+        .sum::<f64>() as usize
+}
+
 /// Error scores that do not fade during the test: how many attempts a failing node gets is
 /// then a matter of request counts alone, not of how long a loaded machine takes to send them
 /// (with the default 10 s half-life a slow run gives the node its share back more often).
@@ -29,7 +39,12 @@ async fn one_refused_node_of_three_takes_only_a_few_first_attempts() {
         let resp = gw.get(&format!("/item/{i}")).await;
         assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
     }
-    assert_eq!(a.count() + b.count(), 300, "each GET answered exactly once");
+    let aborted = aborted_on(&gw, &[&a, &b]).await;
+    assert_eq!(
+        a.count() + b.count(),
+        300 + aborted,
+        "each GET answered once"
+    );
 
     let m = gw.metrics().await;
     assert!(m.has_family(ATTEMPTS), "no {ATTEMPTS} in\n{}", m.text);
@@ -64,7 +79,12 @@ async fn node_answering_503_is_retried_and_loses_its_share() {
         assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
         assert_ne!(resp.node(), Some("sick"));
     }
-    assert_eq!(a.count() + b.count(), 300, "each GET answered exactly once");
+    let aborted = aborted_on(&gw, &[&a, &b]).await;
+    assert_eq!(
+        a.count() + b.count(),
+        300 + aborted,
+        "each GET answered once"
+    );
     assert!(
         sick.count() <= 30,
         "the 503 node still took {} of 300 first attempts",
@@ -316,13 +336,19 @@ async fn hung_node_loses_traffic_before_its_timeout_fires() {
     }
     let stuck = hung.count() - before;
     eprintln!("hung node received {stuck} requests");
+    // Its stuck GETs are aborted within tens of milliseconds (and answered elsewhere), after
+    // which it is idle again, so it wins a request now and then: each costs its client an
+    // abort, not the 2 s timeout.
     assert!(
-        stuck <= 15,
+        stuck <= 30,
         "the hung node received {stuck} of 480 requests before its first timeout fired"
     );
+    // Stuck GETs were aborted and answered elsewhere (counted once there); an abort of a
+    // healthy node's attempt (a busy machine) is answered twice.
+    let aborted = aborted_on(&gw, &[&a, &b]).await;
     assert_eq!(
         a.count() + b.count() + before,
-        30 + 480,
+        30 + 480 + aborted,
         "every request answered once"
     );
 }

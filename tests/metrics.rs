@@ -168,6 +168,7 @@ const LABEL_VALUES: [(&str, &[&str]); 5] = [
             "bad_response",
             "status",
             "stale_connection",
+            "stall",
         ],
     ),
 ];

@@ -312,7 +312,7 @@ impl Default for Retries {
             budget: Some(0.2),
             budget_floor: 10,
             abort_on_stall: true,
-            abort_after: Duration::from_millis(10),
+            abort_after: Duration::from_millis(20),
         }
     }
 }

@@ -172,12 +172,12 @@ impl RequestCtx {
     /// Ends an attempt weir aborted on a stalled node: a failure for the node's score (a
     /// timeout in the metrics and the error log) that is not progress.
     pub fn end_aborted(&mut self, logs: &Logs) {
-        let Attempt::InFlight { node, .. } = self.attempt else {
+        let Attempt::InFlight { node, started, .. } = self.attempt else {
             return;
         };
         self.abort = None;
         self.attempt = Attempt::Ended { retry: None };
-        self.runtime.record_aborted(logs, node);
+        self.runtime.record_aborted(logs, node, started.elapsed());
         self.last_failure = Some(Failure::Timeout);
         self.maybe_sent = true;
     }

@@ -243,13 +243,15 @@ impl Router {
         }
     }
 
-    /// weir abandoned the attempt on `node` because the node stalled: a failure for its score,
-    /// but not progress, so that the node stays stalled (and its other stuck attempts
-    /// abortable) until it really answers something.
-    pub fn finish_stalled(&self, node: usize) {
+    /// weir abandoned the attempt on `node` after `elapsed` because the node stalled: a
+    /// failure for its score and a latency sample of at least `elapsed`, but not progress, so
+    /// that the node stays stalled (and its other stuck attempts abortable) until it really
+    /// answers something.
+    pub fn finish_stalled(&self, node: usize, elapsed: Duration) {
         if let Some(slot) = self.slots.get(node) {
             let now = self.clock.now_us();
-            slot.state.abandon(now, self.inv_half_life_us);
+            let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+            slot.state.abandon(elapsed_us, now, self.inv_half_life_us);
         }
     }
 
@@ -263,6 +265,45 @@ impl Router {
         let latency = pass.latency_of(&slot.state);
         pass.stall_age(&slot.state, latency)
             .map(|us| Duration::from_micros(us as u64))
+    }
+
+    /// Whether weir should abort the attempts stuck on `node` that are at least `min_gap` old:
+    /// a stricter judgement than the one that steers new attempts away (there a false alarm
+    /// costs nothing; here it costs a duplicate attempt and a failure on a healthy node).
+    /// All of:
+    /// - the router judges the node stalled, and it has made no progress for `min_gap`;
+    /// - its peers finished many attempts meanwhile (max(8, 3 per node)), or it has made no
+    ///   progress for 4 × `min_gap` (a quiet gateway has no peers' answers to compare with);
+    /// - another node of positive weight is neither stalled nor down (error rate < 0.5), so
+    ///   the attempt that follows has somewhere to go.
+    pub fn should_abort(&self, node: usize, min_gap: Duration) -> bool {
+        let Some(slot) = self.slots.get(node) else {
+            return false;
+        };
+        let Some(gap) = self.stalled_for(node) else {
+            return false;
+        };
+        if gap < min_gap {
+            return false;
+        }
+        let peers_done = self
+            .completions
+            .load(Relaxed)
+            .saturating_sub(slot.state.progress_mark());
+        if peers_done < self.stall_peers() && gap < min_gap * 4 {
+            return false;
+        }
+        (0..self.slots.len()).any(|j| {
+            j != node
+                && self.slots[j].weight > 0
+                && self.error_rate(j) < 0.5
+                && self.stalled_for(j).is_none()
+        })
+    }
+
+    /// Completions of the other nodes that make a silent node stalled whatever the clock says.
+    fn stall_peers(&self) -> u64 {
+        STALL_PEER_COMPLETIONS.max(3 * self.slots.len() as u64)
     }
 
     /// The attempt on `node` ended for a reason that is not the node's (the client went away, a
@@ -596,7 +637,7 @@ impl<'a> FeedbackPass<'a> {
             .completions
             .load(Relaxed)
             .saturating_sub(state.progress_mark());
-        let stall_peers = STALL_PEER_COMPLETIONS.max(3 * router.slots.len() as u64);
+        let stall_peers = router.stall_peers();
         (age > threshold || (age > STALL_FLOOR_US && peers_done >= stall_peers)).then_some(age)
     }
 

@@ -129,13 +129,16 @@ impl NodeState {
         self.update_score(outcome, now_us, inv_half_life_us);
     }
 
-    /// An attempt weir abandoned on a stalled node: in-flight -1 and a failure for the score
-    /// and ServiceQ's counter, without counting as progress (the node answered nothing).
-    pub fn abandon(&self, now_us: u64, inv_half_life_us: f64) {
+    /// An attempt weir abandoned on a stalled node after `elapsed_us`: in-flight -1 and a
+    /// failure for the score and ServiceQ's counter, without counting as progress (the node
+    /// answered nothing). Its age is a lower bound of the node's latency now and is sampled as
+    /// one, so the node stays expensive once its stuck attempts are gone.
+    pub fn abandon(&self, elapsed_us: u64, now_us: u64, inv_half_life_us: f64) {
         let _ = self
             .inflight
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
         self.sq_errors.fetch_add(1, Relaxed);
+        self.observe_latency(elapsed_us, now_us);
         self.update_score(Outcome::Failure, now_us, inv_half_life_us);
     }
 

@@ -642,12 +642,61 @@ fn an_abandoned_attempt_is_a_failure_but_not_progress() {
     r.start(1);
     clock.advance(Duration::from_millis(20));
     let before = r.error_score(1);
-    r.finish_stalled(1);
+    r.finish_stalled(1, Duration::from_millis(20));
     assert_eq!(r.inflight(1), 1);
     assert!(r.error_score(1) > before);
     // Still stalled: the other stuck attempt may be abandoned too.
     assert!(r.stalled_for(1).is_some());
-    r.finish_stalled(1);
+    r.finish_stalled(1, Duration::from_millis(20));
     assert_eq!(r.inflight(1), 0);
     assert_eq!(r.stalled_for(1), None);
+}
+
+#[test]
+fn aborts_need_more_evidence_than_steering() {
+    let ms20 = Duration::from_millis(20);
+    let (r, clock) = equal(3, Algorithm::Feedback);
+    for node in 0..3 {
+        succeed(&r, node, MS);
+    }
+    r.start(1);
+    clock.advance(Duration::from_millis(30));
+    assert!(r.stalled_for(1).is_some(), "steered away already");
+    assert!(!r.should_abort(1, ms20), "no peer answered meanwhile");
+    // Its peers answer many requests while it answers none: comparative evidence.
+    for _ in 0..9 {
+        succeed(&r, 0, MS);
+    }
+    assert!(r.should_abort(1, ms20));
+    assert!(
+        !r.should_abort(1, Duration::from_millis(40)),
+        "not that old"
+    );
+    // A quiet gateway: silence for 4 × the abort age is enough on its own.
+    let (r, clock) = equal(2, Algorithm::Feedback);
+    succeed(&r, 0, MS);
+    succeed(&r, 1, MS);
+    r.start(1);
+    clock.advance(Duration::from_millis(79));
+    assert!(!r.should_abort(1, ms20));
+    clock.advance(Duration::from_millis(1));
+    assert!(r.should_abort(1, ms20));
+}
+
+#[test]
+fn no_abort_when_no_other_node_could_take_the_attempt() {
+    let ms20 = Duration::from_millis(20);
+    let (r, clock) = equal(2, Algorithm::Feedback);
+    succeed(&r, 1, MS);
+    fail(&r, 0, 20);
+    r.start(1);
+    clock.advance(Duration::from_millis(100));
+    assert!(r.error_rate(0) >= 0.5);
+    assert!(!r.should_abort(1, ms20), "the only other node is down");
+    // Both stuck: neither is aborted in favour of the other.
+    let (r, clock) = equal(2, Algorithm::Feedback);
+    r.start(0);
+    r.start(1);
+    clock.advance(Duration::from_millis(100));
+    assert!(!r.should_abort(0, ms20) && !r.should_abort(1, ms20));
 }
