@@ -49,11 +49,22 @@ enum Command {
     },
     /// Print the native YAML equivalent of a ServiceQ sq.properties file.
     Convert { file: PathBuf },
-    /// Built-in demo: three local upstreams (one flaps) and the gateway.
+    /// Built-in demo: three local upstreams (node 3 cycles through crash, hang and pause),
+    /// the gateway, and a light load of its own.
     Demo {
         #[arg(long, default_value = "127.0.0.1:5252")]
         listen: String,
+        /// Do not send the demo's own load (send your own).
+        #[arg(long)]
+        no_load: bool,
+        /// Length of each phase of node 3's cycle (e.g. 10s).
+        #[arg(long, default_value = "10s", value_parser = parse_phase)]
+        phase: std::time::Duration,
     },
+}
+
+fn parse_phase(s: &str) -> Result<std::time::Duration, String> {
+    weir::config::units::positive_duration::parse(s)
 }
 
 fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {
@@ -166,7 +177,15 @@ fn main() -> ExitCode {
             print!("{}", loaded.config.to_yaml());
             ExitCode::SUCCESS
         }
-        Command::Demo { listen } => match weir::demo::run(&listen) {
+        Command::Demo {
+            listen,
+            no_load,
+            phase,
+        } => match weir::demo::run(&weir::demo::DemoOptions {
+            listen,
+            load: !no_load,
+            phase,
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("weir demo: {e}");
