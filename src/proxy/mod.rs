@@ -329,7 +329,9 @@ impl ProxyHttp for Gateway {
         if reused && retry::pooled_connection_closed(fd) {
             return Err(failure::stale_unsent());
         }
-        // An attempt that may be sent again is registered for abort on stall.
+        // An attempt that may be sent again is registered for abort on stall. Upstream
+        // connections are HTTP/1 (one exchange per socket at a time), so shutting the socket
+        // down ends this attempt only.
         if let Attempt::InFlight { node, started, .. } = ctx.attempt {
             let abortable = ctx.runtime.config.retries.abort_on_stall
                 && ctx.replay_safe
