@@ -504,8 +504,11 @@ impl ProxyHttp for Gateway {
             ErrorSource::Downstream => None,
             _ => defer::defer(self, session, ctx).await,
         };
-        let (answer, close) = match deferred {
-            Some(answer) => (answer, false),
+        // Pingora reuses no client connection after a failed proxy (nor after an error
+        // answered here), so every answer from this hook says `Connection: close`: one that
+        // looked reusable had its next request race the close.
+        let answer = match deferred {
+            Some(answer) => answer,
             None => {
                 // A body read weir cut because the client sent it too slowly.
                 let too_slow = ClientConn::of(session).is_some_and(|c| c.timed_out());
@@ -527,10 +530,10 @@ impl ProxyHttp for Gateway {
                 } else if ctx.outcome == Outcome::Proxied {
                     ctx.outcome = Outcome::Failed;
                 }
-                (answer, true)
+                answer
             }
         };
-        match respond::send(session, ctx, &answer, close).await {
+        match respond::send(session, ctx, &answer, true).await {
             Ok(()) => FailToProxy {
                 error_code: answer.status,
                 ..done

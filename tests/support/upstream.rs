@@ -269,6 +269,12 @@ impl Upstream {
         lock(&self.shared.received).clone()
     }
 
+    /// Removes and returns the requests recorded so far (`count` is unchanged): a long run
+    /// folds them into its own tally instead of keeping every body.
+    pub fn take_requests(&self) -> Vec<Received> {
+        std::mem::take(&mut *lock(&self.shared.received))
+    }
+
     /// Requests [`Behaviour::CloseOnReuse`] read on a reused connection and dropped unanswered.
     pub fn dropped(&self) -> Vec<Received> {
         lock(&self.shared.dropped).clone()
