@@ -201,7 +201,7 @@ impl Runtime {
     }
 
     /// Aborts the abortable attempts on stalled nodes that are older than the abort age:
-    /// `max(retries.abort_after, 4 × the node's latency estimate)`, so a node whose answers
+    /// `max(retries.abort_after, 4 × the node's latency as of its last answer)`, so a node whose answers
     /// are slow by nature is not mistaken for a stuck one (and see `Router::should_abort`). Each abort takes its retry from
     /// `budget` first. Returns how many were aborted and how many the budget refused.
     pub fn abort_stalled(&self, now: Instant, budget: &RetryBudget) -> (usize, usize) {
@@ -215,7 +215,7 @@ impl Runtime {
             if node.aborts.is_empty() {
                 continue;
             }
-            let typical = self.router.latency(i).unwrap_or_default() * 4;
+            let typical = self.router.answered_latency(i).unwrap_or_default() * 4;
             let min_age = retries.abort_after.max(typical);
             if !self.router.should_abort(i, min_age) {
                 continue;

@@ -347,6 +347,13 @@ impl Router {
         Some(Duration::from_secs_f64(us / 1e6))
     }
 
+    /// The node's latency estimate as of its last answer: abandoned attempts (which raise the
+    /// routing estimate) leave it alone, so an abort age derived from it cannot run away.
+    pub fn answered_latency(&self, node: usize) -> Option<Duration> {
+        let us = self.slots.get(node)?.state.answered_latency_us()?;
+        Some(Duration::from_secs_f64(us / 1e6))
+    }
+
     /// P(first attempt = node) now; sums to 1 (empty for an empty router).
     pub fn selection_probabilities(&self) -> Vec<f64> {
         let n = self.slots.len();

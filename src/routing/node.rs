@@ -66,6 +66,9 @@ pub struct NodeState {
     latency: AtomicU64,
     /// When the latency estimate last took a sample (µs).
     last_sample: AtomicU64,
+    /// The latency estimate as of the last answer (`f64` bits; 0 = none): what the node takes
+    /// when it works, without the lower bounds abandoned attempts add.
+    answered_latency: AtomicU64,
     /// Last finish, or the moment in-flight went from 0 to 1 (µs).
     last_progress: AtomicU64,
     /// The router's completion count at this node's last progress.
@@ -81,6 +84,7 @@ impl NodeState {
             sq_errors: AtomicU64::new(self.sq_errors.load(Relaxed)),
             latency: AtomicU64::new(self.latency.load(Relaxed)),
             last_sample: AtomicU64::new(self.last_sample.load(Relaxed)),
+            answered_latency: AtomicU64::new(self.answered_latency.load(Relaxed)),
             last_progress: AtomicU64::new(self.last_progress.load(Relaxed)),
             progress_mark: AtomicU64::new(self.progress_mark.load(Relaxed)),
             inflight: AtomicU32::new(0),
@@ -124,6 +128,10 @@ impl NodeState {
                     self.sq_errors.store(0, Relaxed);
                 }
                 self.observe_latency(elapsed_us, now_us);
+                let estimate = self.latency.load(Relaxed);
+                if self.answered_latency.load(Relaxed) != estimate {
+                    self.answered_latency.store(estimate, Relaxed);
+                }
             }
         }
         self.update_score(outcome, now_us, inv_half_life_us);
@@ -219,6 +227,12 @@ impl NodeState {
     /// Latency estimate in µs, `None` before the first successful attempt.
     pub fn latency_us(&self) -> Option<f64> {
         let estimate = f64::from_bits(self.latency.load(Relaxed));
+        (estimate > 0.0).then_some(estimate)
+    }
+
+    /// The latency estimate (µs) as of the node's last answer, `None` before the first.
+    pub fn answered_latency_us(&self) -> Option<f64> {
+        let estimate = f64::from_bits(self.answered_latency.load(Relaxed));
         (estimate > 0.0).then_some(estimate)
     }
 

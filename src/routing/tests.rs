@@ -700,3 +700,15 @@ fn no_abort_when_no_other_node_could_take_the_attempt() {
     clock.advance(Duration::from_millis(100));
     assert!(!r.should_abort(0, ms20) && !r.should_abort(1, ms20));
 }
+
+#[test]
+fn abandoned_attempts_raise_the_routing_latency_but_not_the_answered_one() {
+    let (r, clock) = equal(2, Algorithm::Feedback);
+    succeed(&r, 0, MS);
+    succeed(&r, 1, MS);
+    r.start(1);
+    clock.advance(Duration::from_millis(100));
+    r.finish_stalled(1, Duration::from_millis(100));
+    assert_eq!(r.latency(1), Some(Duration::from_millis(100)));
+    assert_eq!(r.answered_latency(1), Some(MS));
+}
