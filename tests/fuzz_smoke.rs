@@ -89,7 +89,7 @@ fn smoke(name: &str, target: fn(&[u8]), dict: &[&[u8]]) {
     for (i, f) in files.iter().enumerate() {
         run(name, target, f, &format!("corpus file {i}"));
     }
-    let mut rng = fastrand::Rng::with_seed(0x5eed_0f_0e1e);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_f0e1);
     let started = Instant::now();
     let mut done = 0;
     while done < MUTATIONS && started.elapsed() < BUDGET {
