@@ -76,7 +76,12 @@ pub fn add_common_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result
 
 /// What weir refuses before anything else: an HTTP/1.1 request without a `Host` (RFC 9112
 /// §3.2; Pingora itself refuses several), a `Content-Length` that is not one decimal number
-/// (400), and a transfer coding other than `chunked` alone (RFC 9112 §6.1: 501).
+/// (400), a `Connection` that names `Host` or an `X-Forwarded-*` header (400), and a transfer
+/// coding other than `chunked` alone (RFC 9112 §6.1: 501).
+///
+/// Pingora's upstream policy refuses to forward a request whose `Connection` names a header
+/// meant for every hop, but only when an attempt starts; the upfront queue took such a
+/// request before that, and its replay went out without its `Host`.
 ///
 /// Pingora frames a body by a list of equal lengths (`3, 3`), a repeated header or a signed
 /// number (`+3`) and forwards the header as it came; weir would read no length from the first
@@ -86,7 +91,7 @@ pub fn add_common_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result
 pub fn malformed(req: &RequestHeader) -> Option<Answer> {
     let no_host =
         req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST);
-    if no_host || !one_decimal_length(req) {
+    if no_host || !one_decimal_length(req) || names_protected(req) {
         return Some(Answer::new(400, "Bad Request"));
     }
     let mut codings = req
@@ -101,6 +106,28 @@ pub fn malformed(req: &RequestHeader) -> Option<Answer> {
         Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
     };
     (!only_chunked).then(|| Answer::new(501, "Not Implemented"))
+}
+
+/// The headers a `Connection` value may not name (as Pingora's upstream policy has it).
+const PROTECTED: [&str; 4] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Whether a `Connection` value names one of [`PROTECTED`].
+fn names_protected(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|token| token.trim_ascii())
+        .any(|token| {
+            PROTECTED
+                .iter()
+                .any(|p| token.eq_ignore_ascii_case(p.as_bytes()))
+        })
 }
 
 /// No `Content-Length`, or exactly one whose value is digits only (RFC 9110 §8.6).
@@ -206,6 +233,22 @@ mod tests {
         for headers in refused {
             let answer = malformed(&request(&headers));
             assert_eq!(answer.map(|a| a.status), Some(400), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_naming_host_or_a_forwarding_header_is_refused() {
+        let kept = request(&[("host", "a"), ("connection", "keep-alive, x-secret")]);
+        assert!(malformed(&kept).is_none());
+        for value in [
+            "keep-alive,host",
+            "Host",
+            " x-forwarded-for ",
+            "close, X-Forwarded-Proto",
+            "x-forwarded-host",
+        ] {
+            let req = request(&[("host", "a"), ("connection", value)]);
+            assert_eq!(malformed(&req).map(|a| a.status), Some(400), "{value}");
         }
     }
 
