@@ -135,7 +135,8 @@ pub fn yaml(data: &[u8]) {
     let path = Path::new("fuzz.yaml");
     let lines = text.lines().count();
     match yaml::parse(path, &text) {
-        Err(e) => check_error(&e, path, lines + 1),
+        // The YAML parser's lines end at `\r` too, and an error may point just past the end.
+        Err(e) => check_error(&e, path, yaml_lines(&text)),
         Ok(loaded) => {
             check_warnings(&loaded.warnings, lines);
             check_config(&loaded.config);
@@ -161,6 +162,17 @@ pub fn yaml(data: &[u8]) {
         }
     }
     let _ = crate::config::is_properties(path, &text);
+}
+
+/// The last line a position in `text` can be on, as YAML counts lines: a line ends at `\r\n`,
+/// `\r`, `\n` (and YAML 1.1's NEL, LS and PS), and the end of the text may begin one more.
+fn yaml_lines(text: &str) -> usize {
+    let unix = text.replace("\r\n", "\n");
+    let breaks = unix
+        .chars()
+        .filter(|c| matches!(c, '\r' | '\n' | '\u{85}' | '\u{2028}' | '\u{2029}'))
+        .count();
+    breaks + 1
 }
 
 /// An error points into its file: the file's name, a line within the input (`last_line`: the
