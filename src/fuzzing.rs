@@ -135,8 +135,9 @@ pub fn yaml(data: &[u8]) {
     let path = Path::new("fuzz.yaml");
     let lines = text.lines().count();
     match yaml::parse(path, &text) {
-        // The YAML parser's lines end at `\r` too, and an error may point just past the end.
-        Err(e) => check_error(&e, path, yaml_lines(&text)),
+        // The YAML parser's lines end at `\r` too, and its scanner may have read one line past
+        // the end of the text when it fails.
+        Err(e) => check_error(&e, path, yaml_lines(&text) + 1),
         Ok(loaded) => {
             check_warnings(&loaded.warnings, lines);
             check_config(&loaded.config);
