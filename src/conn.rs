@@ -195,7 +195,7 @@ const EXCHANGE: u8 = 3;
 const OFF: u8 = 4;
 
 /// How much of a request head is kept to name a request refused before it was parsed.
-const HEAD_NOTE: usize = 256;
+pub(crate) const HEAD_NOTE: usize = 256;
 
 /// What a connection needs from the gateway, shared by all of them.
 pub struct ConnShared {
@@ -483,7 +483,7 @@ impl ClientConn {
 }
 
 /// Method and target of a request line, as far as `head` has them (empty when unreadable).
-fn request_line_of(head: &[u8]) -> (String, String) {
+pub(crate) fn request_line_of(head: &[u8]) -> (String, String) {
     let line = head
         .split(|&b| b == b'\r' || b == b'\n')
         .next()
@@ -502,7 +502,7 @@ fn request_line_of(head: &[u8]) -> (String, String) {
 }
 
 /// The status of a response head Pingora is writing (`HTTP/1.1 400 ...`).
-fn status_of(head: &[u8]) -> Option<u16> {
+pub(crate) fn status_of(head: &[u8]) -> Option<u16> {
     let code = head.get(9..12)?;
     std::str::from_utf8(code).ok()?.parse().ok()
 }

@@ -37,6 +37,9 @@ pub mod demo;
 pub mod failure;
 /// The forwarding policy: the head of every upstream request, live or replayed.
 pub mod forward;
+/// Fuzz targets (`fuzz/`, `tests/fuzz_smoke.rs`): entry points over arbitrary bytes.
+#[doc(hidden)]
+pub mod fuzzing;
 /// Access log and ServiceQ-shaped error log, written off the request path.
 pub mod logs;
 /// Every exported metric, in one place.

@@ -23,7 +23,7 @@ use super::{
 };
 
 /// Every key weir understands in sq.properties.
-const KEYS: &[&str] = &[
+pub(crate) const KEYS: &[&str] = &[
     "LISTENER_PORT",
     "LISTENER_ADDR",
     "PROTO",

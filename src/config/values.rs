@@ -11,8 +11,9 @@
 //! gets a `with` module here (`#[serde(with = "values::positive")]`); the other value types
 //! implement `Deserialize`/`Serialize` themselves.
 
+use std::cell::Cell;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -592,11 +593,14 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
         Scheme::Https => "https",
     };
     let url = format!("{scheme_name}://{}", host_port(&host, port));
-    let addr = (host.as_str(), port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve upstream `{url}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve upstream `{url}`: no address"))?;
+    let addr = match offline_address(&host, port) {
+        Some(addr) => addr,
+        None => (host.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve upstream `{url}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("cannot resolve upstream `{url}`: no address"))?,
+    };
     Ok(Upstream {
         url,
         scheme,
@@ -607,6 +611,27 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
         tls_verify: true,
         ca: None,
         sni: None,
+    })
+}
+
+thread_local! {
+    /// Set on a fuzzing thread ([`crate::fuzzing`]): upstream names are not resolved, so that a
+    /// fuzz run neither waits on nor talks to DNS.
+    static OFFLINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes [`parse_upstream`] on this thread resolve without the system resolver (`true`): an
+/// IP literal is its own address and a name stands for 192.0.2.1 (TEST-NET-1).
+pub(crate) fn resolve_offline(on: bool) {
+    OFFLINE.with(|o| o.set(on));
+}
+
+fn offline_address(host: &str, port: u16) -> Option<SocketAddr> {
+    OFFLINE.with(Cell::get).then(|| {
+        let ip = host
+            .parse::<IpAddr>()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
+        SocketAddr::new(ip, port)
     })
 }
 

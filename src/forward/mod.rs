@@ -74,7 +74,7 @@ impl Client {
 
 /// Headers that describe one connection and are never forwarded (RFC 9110 §7.6.1), as
 /// Pingora's upstream request policy removes them too.
-fn is_hop_by_hop(name: &str) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"

@@ -213,6 +213,28 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Option<Bytes
 /// attempt) and the client's side of the forwarding headers.
 pub fn entry(session: &Session, ctx: &RequestCtx, queue: &Queue, body: Bytes) -> QueuedRequest {
     let req = session.req_header();
+    let client = ctx
+        .client
+        .clone()
+        .unwrap_or_else(|| super::client_of(session));
+    QueuedRequest {
+        id: queue.new_id(),
+        method: req.method.clone(),
+        target: Bytes::copy_from_slice(req.raw_path()),
+        headers: header_lines(req),
+        client,
+        body,
+        enqueued: tokio::time::Instant::now(),
+        enqueued_unix_ms: unix_ms(SystemTime::now()),
+        attempts: 0,
+        replay_safe: ctx.replay_safe,
+        last_error: None,
+    }
+}
+
+/// The header lines a queued request keeps of `req` (`name: value\r\n`): all but the framing
+/// headers, and a `host` line from the URI's authority when there is no `Host` header.
+pub(crate) fn header_lines(req: &RequestHeader) -> Bytes {
     let mut lines = Vec::with_capacity(256);
     let mut line = |name: &[u8], value: &[u8]| {
         lines.extend_from_slice(name);
@@ -231,23 +253,7 @@ pub fn entry(session: &Session, ctx: &RequestCtx, queue: &Queue, body: Bytes) ->
             line(name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    let client = ctx
-        .client
-        .clone()
-        .unwrap_or_else(|| super::client_of(session));
-    QueuedRequest {
-        id: queue.new_id(),
-        method: req.method.clone(),
-        target: Bytes::copy_from_slice(req.raw_path()),
-        headers: Bytes::from(lines.into_boxed_slice()),
-        client,
-        body,
-        enqueued: tokio::time::Instant::now(),
-        enqueued_unix_ms: unix_ms(SystemTime::now()),
-        attempts: 0,
-        replay_safe: ctx.replay_safe,
-        last_error: None,
-    }
+    Bytes::from(lines.into_boxed_slice())
 }
 
 /// How long a client is told to wait before asking again: the time the replay needs for the

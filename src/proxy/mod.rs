@@ -57,7 +57,7 @@ use respond::Answer;
 use retry::StaleVerdict;
 
 /// The client's side of the forwarding headers, read off the session.
-fn client_of(session: &Session) -> Client {
+pub(crate) fn client_of(session: &Session) -> Client {
     let ip = session
         .client_addr()
         .and_then(|a| a.as_inet())

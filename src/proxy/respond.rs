@@ -75,13 +75,23 @@ pub fn add_common_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result
 }
 
 /// What weir refuses before anything else: an HTTP/1.1 request without a `Host` (RFC 9112
-/// §3.2; Pingora itself refuses several), and a transfer coding other than `chunked` alone
-/// (RFC 9112 §6.1: 501). Pingora would decode the chunked framing and drop the coding under
-/// it (`gzip, chunked`), so the node would get a body the client never meant.
+/// §3.2; Pingora itself refuses several), a `Content-Length` that is not one decimal number
+/// (400), a `Connection` that names `Host` or an `X-Forwarded-*` header (400), and a transfer
+/// coding other than `chunked` alone (RFC 9112 §6.1: 501).
+///
+/// Pingora's upstream policy refuses to forward a request whose `Connection` names a header
+/// meant for every hop, but only when an attempt starts; the upfront queue took such a
+/// request before that, and its replay went out without its `Host`.
+///
+/// Pingora frames a body by a list of equal lengths (`3, 3`), a repeated header or a signed
+/// number (`+3`) and forwards the header as it came; weir would read no length from the first
+/// (so keep no copy of the body), and a node may read any of them differently (RFC 9110 §8.6
+/// lets a recipient refuse them). Pingora would decode the chunked framing and drop the coding
+/// under it (`gzip, chunked`), so the node would get a body the client never meant.
 pub fn malformed(req: &RequestHeader) -> Option<Answer> {
     let no_host =
         req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST);
-    if no_host {
+    if no_host || !one_decimal_length(req) || names_protected(req) {
         return Some(Answer::new(400, "Bad Request"));
     }
     let mut codings = req
@@ -96,6 +106,38 @@ pub fn malformed(req: &RequestHeader) -> Option<Answer> {
         Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
     };
     (!only_chunked).then(|| Answer::new(501, "Not Implemented"))
+}
+
+/// The headers a `Connection` value may not name (as Pingora's upstream policy has it).
+const PROTECTED: [&str; 4] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Whether a `Connection` value names one of [`PROTECTED`].
+fn names_protected(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|token| token.trim_ascii())
+        .any(|token| {
+            PROTECTED
+                .iter()
+                .any(|p| token.eq_ignore_ascii_case(p.as_bytes()))
+        })
+}
+
+/// No `Content-Length`, or exactly one whose value is digits only (RFC 9110 §8.6).
+fn one_decimal_length(req: &RequestHeader) -> bool {
+    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => true,
+        (Some(v), None) => !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// The answer table for a request that no attempt served (and no queue took): `None` when the
@@ -169,6 +211,45 @@ mod tests {
             assert_eq!(answer.map(|a| a.status), Some(501), "{headers:?}");
         }
         assert_eq!(malformed(&request(&[])).map(|a| a.status), Some(400));
+    }
+
+    #[test]
+    fn a_content_length_other_than_one_decimal_number_is_refused() {
+        for value in ["0", "3", "0042"] {
+            let req = request(&[("host", "a"), ("content-length", value)]);
+            assert!(malformed(&req).is_none(), "{value}");
+        }
+        let refused = [
+            vec![("host", "a"), ("content-length", "3, 3")],
+            vec![
+                ("host", "a"),
+                ("content-length", "3"),
+                ("content-length", "3"),
+            ],
+            vec![("host", "a"), ("content-length", "+3")],
+            vec![("host", "a"), ("content-length", "")],
+            vec![("host", "a"), ("content-length", "3 ")],
+        ];
+        for headers in refused {
+            let answer = malformed(&request(&headers));
+            assert_eq!(answer.map(|a| a.status), Some(400), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_naming_host_or_a_forwarding_header_is_refused() {
+        let kept = request(&[("host", "a"), ("connection", "keep-alive, x-secret")]);
+        assert!(malformed(&kept).is_none());
+        for value in [
+            "keep-alive,host",
+            "Host",
+            " x-forwarded-for ",
+            "close, X-Forwarded-Proto",
+            "x-forwarded-host",
+        ] {
+            let req = request(&[("host", "a"), ("connection", value)]);
+            assert_eq!(malformed(&req).map(|a| a.status), Some(400), "{value}");
+        }
     }
 
     #[test]

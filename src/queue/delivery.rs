@@ -102,7 +102,11 @@ impl ClusterDelivery {
 
 /// The request head for one attempt: method, raw target, the client's header lines through
 /// the forwarding policy, and the body length.
-fn request_head(req: &QueuedRequest, state: &Runtime, node: usize) -> Result<RequestHeader> {
+pub(crate) fn request_head(
+    req: &QueuedRequest,
+    state: &Runtime,
+    node: usize,
+) -> Result<RequestHeader> {
     let mut head = RequestHeader::build(req.method.clone(), &req.target, Some(16))?;
     for (name, value) in req.header_lines() {
         let (Ok(name), Ok(value)) = (

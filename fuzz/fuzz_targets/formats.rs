@@ -1,0 +1,4 @@
+//! `weir::fuzzing::formats` under libFuzzer (see src/fuzzing.rs for what it asserts).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| weir::fuzzing::formats(data));
