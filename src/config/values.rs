@@ -615,7 +615,7 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
 }
 
 thread_local! {
-    /// Set on a fuzzing thread ([`crate::fuzzing`]): upstream names are not resolved, so that a
+    /// Set on a fuzzing thread (the `fuzzing` module): upstream names are not resolved, so that a
     /// fuzz run neither waits on nor talks to DNS.
     static OFFLINE: Cell<bool> = const { Cell::new(false) };
 }
