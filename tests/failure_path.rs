@@ -14,6 +14,15 @@ use support::{md5_hex, random_body, Gateway, Request, Upstream};
 /// Far above anything an abort needs, far below the 30 s attempt timeout.
 const RESCUED: Duration = Duration::from_secs(10);
 
+/// Nodes a, b and c, answering until told otherwise.
+async fn three_nodes() -> [Upstream; 3] {
+    [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ]
+}
+
 fn hang_yaml(extra: &str) -> String {
     format!("timeouts: {{request: 30s}}\ndeferred_queue: {{enabled: false}}\n{extra}")
 }
@@ -131,11 +140,7 @@ async fn a_post_without_idempotency_key_is_never_aborted_nor_sent_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_extra_attempts_when_every_node_fails() {
-    let nodes = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let nodes = three_nodes().await;
     for n in &nodes {
         n.status(503);
     }
@@ -165,11 +170,7 @@ async fn the_retry_budget_caps_extra_attempts_when_every_node_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_node_hung_attempts_per_request_stay_within_the_budget() {
-    let nodes = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let nodes = three_nodes().await;
     for n in &nodes {
         n.hang();
     }
