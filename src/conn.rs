@@ -226,6 +226,8 @@ pub struct ClientConn {
     sleep: Option<Pin<Box<Sleep>>>,
     note: Vec<u8>,
     outbox: Option<(Vec<u8>, usize)>,
+    /// Writes since the current response's status line (HTTP/1 only; `None` for HTTP/2).
+    response_writes: Option<u32>,
     runtime: Arc<Runtime>,
     shared: Arc<ConnShared>,
     client: Option<IpAddr>,
@@ -271,11 +273,35 @@ impl ClientConn {
             sleep: None,
             note: Vec::new(),
             outbox: None,
+            response_writes: (!h2).then_some(0),
             runtime,
             shared,
             client,
             _permit: permit,
         }
+    }
+
+    /// Writes response bytes. Pingora buffers a `Content-Length` response's body until about
+    /// 1.4 KiB have built up or the body is complete, so a node that sends its body in small
+    /// pieces would have them held back (a trickle of bytes would reach the client only at
+    /// the end). Everything after the first write of a response (its header, coalesced with
+    /// what follows) is flushed at once: the client gets what the node sent when it sent it.
+    fn write_response(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        status_line: bool,
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Some(n), Poll::Ready(Ok(_))) = (&mut self.response_writes, &written) {
+            *n = if status_line { 1 } else { n.saturating_add(1) };
+            if *n >= 2 {
+                // Best effort: a flush the socket cannot take now completes with the next
+                // write or Pingora's own flush at the body's end.
+                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+            }
+        }
+        written
     }
 
     /// The connection of an HTTP/1 session (none for HTTP/2, or a stream weir did not wrap).
@@ -546,8 +572,9 @@ impl AsyncWrite for ClientConn {
         if this.outbox.is_none() {
             let phase = this.phase.load(Ordering::Acquire);
             let before_request = phase == HEAD || phase == IDLE;
-            if !(before_request && buf.starts_with(b"HTTP/1.")) {
-                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            let status_line = buf.starts_with(b"HTTP/1.");
+            if !(before_request && status_line) {
+                return this.write_response(cx, buf, status_line);
             }
             // Pingora refusing a request weir never saw: answered in weir's format.
             match status_of(buf).unwrap_or(400) {

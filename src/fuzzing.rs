@@ -704,7 +704,21 @@ fn check_forwarded(
     };
     assert_eq!(up.method, req.method);
     assert_eq!(up.raw_path(), req.raw_path());
+    // An upgrade request keeps the client's (first) `Upgrade`, named by a `Connection` of
+    // weir's own.
+    let upgrade = forward::is_upgrade(&req.headers);
+    if upgrade {
+        let first = req.headers.get("upgrade").map(|v| v.as_bytes());
+        assert_eq!(
+            values(&up.headers, "upgrade"),
+            first.into_iter().collect::<Vec<_>>()
+        );
+        assert_eq!(values(&up.headers, "connection"), [&b"upgrade"[..]]);
+    }
     for name in up.headers.keys() {
+        if upgrade && matches!(name.as_str(), "upgrade" | "connection") {
+            continue;
+        }
         assert!(!forward::is_hop_by_hop(name.as_str()), "{name} forwarded");
         if !set_here(name.as_str()) {
             assert!(

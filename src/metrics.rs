@@ -153,7 +153,17 @@ pub struct Metrics {
     pub attempts_aborted: IntCounter,
     /// Extra attempts the retry budget refused.
     pub retry_budget_exhausted: IntCounter,
+    /// Attempts that missed a deadline, by kind (`ATTEMPT_DEADLINES`).
+    pub attempt_timeouts: [IntCounter; ATTEMPT_DEADLINES.len()],
+    /// Second attempts sent because the first had no response header after the hedge delay.
+    pub hedges_sent: IntCounter,
+    /// Hedges whose response header came first (their rival was cancelled).
+    pub hedges_won: IntCounter,
 }
+
+/// `kind` of `weir_attempt_timeouts_total`: `timeouts.first_byte`, `timeouts.body_idle`,
+/// `timeouts.request` (the whole attempt).
+pub const ATTEMPT_DEADLINES: [&str; 3] = ["first_byte", "body_idle", "attempt"];
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     // Names are constants and unique, so registration cannot collide.
@@ -430,6 +440,35 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let timeouts_vec = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_attempt_timeouts_total",
+                    "Attempts that missed a deadline: first_byte (no response header in time), \
+                     body_idle (the body paused too long), attempt (the whole attempt too long)",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let attempt_timeouts = ATTEMPT_DEADLINES.map(|k| timeouts_vec.with_label_values(&[k]));
+        let hedges_sent = register(
+            &r,
+            IntCounter::new(
+                "weir_hedges_sent_total",
+                "Second attempts sent because the first had no response header after the hedge delay",
+            )
+            .expect("valid metric"),
+        );
+        let hedges_won = register(
+            &r,
+            IntCounter::new(
+                "weir_hedges_won_total",
+                "Hedges whose response header came first (the first attempt was cancelled)",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -470,6 +509,9 @@ impl Metrics {
             connections_refused,
             attempts_aborted,
             retry_budget_exhausted,
+            attempt_timeouts,
+            hedges_sent,
+            hedges_won,
         })
     }
 
@@ -567,6 +609,9 @@ pub struct Totals {
     pub retries: Counts,
     pub attempts_aborted: u64,
     pub retry_budget_exhausted: u64,
+    pub attempt_timeouts: Counts,
+    pub hedges_sent: u64,
+    pub hedges_won: u64,
     pub reloads: Counts,
 }
 
@@ -606,6 +651,9 @@ impl Metrics {
             retries: pairs(&RETRY_REASONS, &self.retries),
             attempts_aborted: self.attempts_aborted.get(),
             retry_budget_exhausted: self.retry_budget_exhausted.get(),
+            attempt_timeouts: pairs(&ATTEMPT_DEADLINES, &self.attempt_timeouts),
+            hedges_sent: self.hedges_sent.get(),
+            hedges_won: self.hedges_won.get(),
             reloads: Counts(
                 RELOAD_RESULTS
                     .iter()

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::abort::AbortRegistry;
+use crate::abort::{AbortRegistry, Swept, Terms};
 use crate::config::{Config, Scheme, Upstream};
 use crate::failure::Failure;
 use crate::logs::Logs;
@@ -29,6 +29,9 @@ pub struct Node {
     /// Cloned for each attempt; options (timeouts, TLS) set once here.
     pub peer: HttpPeer,
     pub metrics: NodeMetrics,
+    /// The peer of an upgrade request (WebSocket): its reads and writes wait up to
+    /// `timeouts.tunnel_idle` (its header wait is weir's watch's, `timeouts.first_byte`).
+    pub tunnel_peer: HttpPeer,
     /// `host:port` for `upstream_host: rewrite`.
     pub host_header: HeaderValue,
     /// Its attempts that may be aborted when it stalls (kept across reloads, like its state).
@@ -100,8 +103,13 @@ impl Runtime {
     ) -> Result<Runtime, String> {
         let mut nodes = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
+            let peer = peer_for(u, &config)?;
+            let mut tunnel_peer = peer.clone();
+            tunnel_peer.options.read_timeout = Some(config.timeouts.tunnel_idle);
+            tunnel_peer.options.write_timeout = Some(config.timeouts.tunnel_idle);
             nodes.push(Node {
-                peer: peer_for(u, &config)?,
+                peer,
+                tunnel_peer,
                 metrics: metrics.node(&u.url),
                 host_header: HeaderValue::from_str(&host_port(u))
                     .map_err(|e| format!("upstream {}: bad host: {e}", u.url))?,
@@ -192,6 +200,19 @@ impl Runtime {
         logs.error_line(&n.upstream.url, code, name);
     }
 
+    /// Feeds a deadline a node missed after its response header (a body that went silent
+    /// or outlived the attempt): the attempt was already counted when its header came; this
+    /// is one more failure for the node's score and a line in the error log.
+    pub fn record_late_timeout(&self, logs: &Logs, node: usize, elapsed: Duration) {
+        let Some(n) = self.nodes.get(node) else {
+            return;
+        };
+        self.router.start(node);
+        self.router.finish(node, Outcome::Failure, elapsed);
+        let (code, name) = Failure::Timeout.serviceq_code();
+        logs.error_line(&n.upstream.url, code, name);
+    }
+
     /// The retry budget's terms (`retries.budget`, `retries.budget_floor`).
     pub fn budget_terms(&self) -> BudgetTerms {
         BudgetTerms {
@@ -200,32 +221,45 @@ impl Runtime {
         }
     }
 
-    /// Aborts the abortable attempts on stalled nodes that are older than the abort age:
-    /// `max(retries.abort_after, 4 × the node's latency as of its last answer)`, so a node whose answers
-    /// are slow by nature is not mistaken for a stuck one (and see `Router::should_abort`). Each abort takes its retry from
-    /// `budget` first. Returns how many were aborted and how many the budget refused.
-    pub fn abort_stalled(&self, now: Instant, budget: &RetryBudget) -> (usize, usize) {
+    /// One sweep of the attempt watch over every node: attempts past a deadline end, and on
+    /// stalled nodes the abortable ones older than the abort age — `max(retries.abort_after,
+    /// 4 × the node's latency as of its last answer)`, so a node whose answers are slow by
+    /// nature is not mistaken for a stuck one (and see `Router::should_abort`). Each abort on
+    /// stall takes its retry from `budget` first.
+    pub fn watch(&self, now: Instant, budget: &RetryBudget) -> Swept {
         let retries = &self.config.retries;
-        let mut total = (0, 0);
-        if !retries.abort_on_stall {
-            return total;
-        }
         let terms = self.budget_terms();
+        let mut total = Swept::default();
         for (i, node) in self.nodes.iter().enumerate() {
             if node.aborts.is_empty() {
                 continue;
             }
-            let typical = self.router.answered_latency(i).unwrap_or_default() * 4;
-            let min_age = retries.abort_after.max(typical);
-            if !self.router.should_abort(i, min_age) {
-                continue;
-            }
+            let stall_age = retries
+                .abort_on_stall
+                .then(|| {
+                    let typical = self.router.answered_latency(i).unwrap_or_default() * 4;
+                    retries.abort_after.max(typical)
+                })
+                .filter(|min_age| self.router.should_abort(i, *min_age));
             let grant = || budget.try_withdraw(terms);
-            let (aborted, refused) = node.aborts.abort_older_than(now, min_age, grant);
-            total.0 += aborted;
-            total.1 += refused;
+            total += node.aborts.sweep(now, stall_age, grant);
         }
         total
+    }
+
+    /// What the watch keeps an eye on for one attempt (`stall`: it may be aborted on stall).
+    pub fn watch_terms(&self, stall: bool, upgrade: bool) -> Terms {
+        let t = &self.config.timeouts;
+        Terms {
+            stall,
+            first_byte: t.first_byte(),
+            // Pingora's per-read timeout already is exactly the body's idle limit when the
+            // two coincide; a tunnel's reads have `tunnel_idle`.
+            body_idle: t
+                .body_idle()
+                .filter(|idle| !upgrade && t.per_read() != Some(*idle)),
+            deadline: t.request.filter(|_| !upgrade),
+        }
     }
 }
 
@@ -251,8 +285,8 @@ fn peer_for(u: &Upstream, config: &Config) -> Result<HttpPeer, String> {
     let o = &mut peer.options;
     o.connection_timeout = Some(config.timeouts.connect);
     o.total_connection_timeout = Some(config.timeouts.connect);
-    o.read_timeout = config.timeouts.request;
-    o.write_timeout = config.timeouts.request;
+    o.read_timeout = config.timeouts.per_read();
+    o.write_timeout = config.timeouts.body_idle();
     o.idle_timeout = Some(UPSTREAM_IDLE);
     if tls {
         o.verify_cert = u.tls_verify;

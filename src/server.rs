@@ -437,6 +437,9 @@ struct StallWatch {
     gateway: Arc<Gateway>,
 }
 
+/// The hedge delay's quantile is recomputed every this many ticks (50 ms).
+const QUANTILE_EVERY: u32 = 25;
+
 /// Period of the stall watch.
 const STALL_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(2);
 
@@ -444,15 +447,21 @@ const STALL_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis
 impl BackgroundService for StallWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(STALL_WATCH_PERIOD);
+        let mut ticks: u32 = 0;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     let g = &self.gateway;
-                    let (aborted, refused) =
-                        g.runtime().abort_stalled(std::time::Instant::now(), &g.budget);
-                    g.metrics.attempts_aborted.inc_by(aborted as u64);
-                    g.metrics.retry_budget_exhausted.inc_by(refused as u64);
+                    let now = std::time::Instant::now();
+                    let runtime = g.runtime();
+                    let swept = runtime.watch(now, &g.budget);
+                    g.count_swept(swept);
+                    g.hedges.launch_due(now, &g.budget, &g.metrics, &g.logs);
+                    ticks = ticks.wrapping_add(1);
+                    if ticks.is_multiple_of(QUANTILE_EVERY) {
+                        g.hedges.ttfb.refresh(runtime.config.hedging.quantile);
+                    }
                 }
                 _ = shutdown.changed() => return,
             }

@@ -124,7 +124,9 @@ const DESIGN: [(&str, &str, &[&str]); 18] = [
 ];
 
 /// The closed set of values each bounded label may take.
-const LABEL_VALUES: [(&str, &[&str]); 5] = [
+const LABEL_VALUES: [(&str, &[&str]); 6] = [
+    // weir_attempt_timeouts_total
+    ("kind", &["first_byte", "body_idle", "attempt"]),
     ("code", &["1xx", "2xx", "3xx", "4xx", "5xx"]),
     (
         "outcome",

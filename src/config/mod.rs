@@ -97,6 +97,7 @@ pub struct Config {
     pub upstream_host: UpstreamHost,
     pub routing: Routing,
     pub retries: Retries,
+    pub hedging: Hedging,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub deferred_queue: QueueConfig,
@@ -123,6 +124,7 @@ impl Default for Config {
             upstream_host: UpstreamHost::default(),
             routing: Routing::default(),
             retries: Retries::default(),
+            hedging: Hedging::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             deferred_queue: QueueConfig::default(),
@@ -280,6 +282,35 @@ impl Default for Routing {
     }
 }
 
+/// Hedged requests: a replay-safe request whose attempt has no response header after the
+/// hedge delay gets a second attempt on another node; the first header wins, the other
+/// attempt is cancelled. Hedges and retries share `retries.budget`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of hedging settings")]
+pub struct Hedging {
+    /// On for idempotent methods (and requests with an `Idempotency-Key`), body kept or none.
+    pub enabled: bool,
+    /// The delay follows this quantile of the cluster's time to first response byte.
+    #[serde(with = "units::quantile")]
+    pub quantile: f64,
+    /// The delay's bounds (the upper one also while there are too few samples).
+    #[serde(with = "units::positive_duration")]
+    pub min_delay: Duration,
+    #[serde(with = "units::positive_duration")]
+    pub max_delay: Duration,
+}
+
+impl Default for Hedging {
+    fn default() -> Self {
+        Hedging {
+            enabled: true,
+            quantile: 0.95,
+            min_delay: Duration::from_millis(3),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a map of retry settings")]
 pub struct Retries {
@@ -323,9 +354,30 @@ pub struct Timeouts {
     /// TCP/TLS connect to an upstream.
     #[serde(with = "units::positive_duration")]
     pub connect: Duration,
-    /// Per attempt; `None` = no timeout (sq.properties OUTGOING_REQUEST_TIMEOUT <= 0).
+    /// The whole attempt, from its start to the last byte of the response body (ServiceQ's
+    /// OUTGOING_REQUEST_TIMEOUT); `None` = no limit (OUTGOING_REQUEST_TIMEOUT <= 0). An
+    /// upgraded connection's attempt ends at its `101`: the tunnel has `tunnel_idle`.
     #[serde(with = "units::duration_or_off")]
     pub request: Option<Duration>,
+    /// An attempt's time to its response header, counted once the request (body included) went
+    /// to the node; `None` (absent): `request`.
+    #[serde(
+        with = "units::inherited_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub first_byte: Option<Duration>,
+    /// The longest silence between two reads of a response body (and two writes of a request
+    /// body to the node); `None` (absent): `request`. A slow but steady body that keeps within
+    /// it is cut only by `request`.
+    #[serde(
+        with = "units::inherited_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub body_idle: Option<Duration>,
+    /// An upgraded connection (WebSocket) is a tunnel: it is closed after this long with no
+    /// byte either way, and that is no node's failure.
+    #[serde(with = "units::positive_duration")]
+    pub tunnel_idle: Duration,
     /// Client idle keep-alive, whole seconds; `None` (`off`, `0`) = keep-alive off, the
     /// connection is closed after each response.
     #[serde(with = "units::seconds_or_off")]
@@ -340,11 +392,33 @@ pub struct Timeouts {
     pub client_body: Duration,
 }
 
+impl Timeouts {
+    /// The time to the response header in force: `first_byte`, else `request`.
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.first_byte.or(self.request)
+    }
+
+    /// The body silence in force: `body_idle`, else `request`.
+    pub fn body_idle(&self) -> Option<Duration> {
+        self.body_idle.or(self.request)
+    }
+
+    /// Pingora's per-read timeout, which covers the header wait and every body read alike:
+    /// the longer of the two, a backstop to weir's own watch, which enforces each exactly.
+    /// `None` when either is off (a per-read limit would then cut what has none).
+    pub fn per_read(&self) -> Option<Duration> {
+        Some(self.first_byte()?.max(self.body_idle()?))
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             connect: Duration::from_secs(1),
             request: Some(Duration::from_secs(5)),
+            first_byte: None,
+            body_idle: None,
+            tunnel_idle: Duration::from_secs(3600),
             keepalive: Some(Duration::from_secs(120)),
             client_head: Duration::from_secs(10),
             client_body: Duration::from_secs(10),

@@ -181,6 +181,23 @@ pub mod positive_duration {
     }
 }
 
+/// A duration longer than zero that, when the key is absent (`None`), follows another setting
+/// (said where it is used).
+pub mod inherited_duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        positive_duration::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_str("inherited"),
+        }
+    }
+}
+
 /// A limit that can be turned off: `0`, `none`, `off` (or `~`) mean none; printed as `off`.
 pub mod duration_or_off {
     use super::*;
@@ -284,6 +301,34 @@ pub mod rate_or_zero {
         match s.trim() {
             "0" | "0/s" | "0/m" | "0/h" => Ok(0),
             t => parse_rate(t),
+        }
+    }
+}
+
+/// A quantile: `p95`, `p99.9` or a fraction such as `0.95` (strictly between 0 and 1);
+/// printed as `pN`.
+pub mod quantile {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Scalar::new("a quantile such as p95 or 0.95", parse).read(d)
+    }
+
+    pub fn serialize<S: Serializer>(q: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("p{}", q * 100.0))
+    }
+
+    pub fn parse(s: &str) -> Result<f64, String> {
+        let t = s.trim();
+        let q = match t.strip_prefix(['p', 'P']) {
+            Some(pct) => pct.parse::<f64>().map(|p| p / 100.0),
+            None => t.parse::<f64>(),
+        }
+        .map_err(|_| format!("`{s}` is not a quantile such as p95 or 0.95"))?;
+        if q.is_finite() && q > 0.0 && q < 1.0 {
+            Ok(q)
+        } else {
+            Err(format!("`{s}` must lie strictly between p0 and p100"))
         }
     }
 }

@@ -119,6 +119,16 @@ impl Config {
                 ));
             }
         }
+        if self.hedging.min_delay > self.hedging.max_delay {
+            return Err(Finding::new(
+                at!("hedging", "min_delay"),
+                format!(
+                    "{} is longer than hedging.max_delay ({})",
+                    super::units::format_duration(self.hedging.min_delay),
+                    super::units::format_duration(self.hedging.max_delay)
+                ),
+            ));
+        }
         let body = self.limits.max_buffered_body;
         if body > Limits::MAX_BUFFERED_BODY {
             return Err(Finding::new(

@@ -94,6 +94,9 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
 /// headers; nothing is allocated when there is nothing to remove (the live path, where
 /// Pingora's own policy already removed them).
 pub fn strip_hop_by_hop(req: &mut RequestHeader) {
+    // An upgrade request (WebSocket, RFC 9110 §7.8) keeps its `Upgrade` and says so again in
+    // a `Connection` of its own: the node must see what the client asks to switch to.
+    let upgrade = is_upgrade(&req.headers).then(|| req.headers.get(http::header::UPGRADE).cloned());
     let mut remove: SmallVec<[HeaderName; 4]> = SmallVec::new();
     for value in req.headers.get_all(http::header::CONNECTION) {
         // Bytes, not `to_str`: one non-ASCII byte in the value must not keep the headers it
@@ -112,6 +115,21 @@ pub fn strip_hop_by_hop(req: &mut RequestHeader) {
     for name in &remove {
         req.remove_header(name);
     }
+    if let Some(Some(protocol)) = upgrade {
+        // Both values come from the client's own head: they are valid header values.
+        let _ = req.insert_header(http::header::UPGRADE, protocol);
+        let _ = req.insert_header(http::header::CONNECTION, "upgrade");
+    }
+}
+
+/// `Upgrade` present and named by `Connection`.
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+        && headers.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
 }
 
 /// Builds the head of one attempt on `node` from the client's head (see the module docs).

@@ -43,6 +43,22 @@ pub fn has_body(session: &Session) -> bool {
             .is_some_and(|v| v.as_bytes().iter().any(|&b| (b'1'..=b'9').contains(&b)))
 }
 
+/// The response has no body to follow its header: a `HEAD` request, `204`, `304`, or a
+/// `Content-Length` of 0 without a transfer coding.
+pub fn response_is_empty(session: &Session, resp: &ResponseHeader) -> bool {
+    if session.req_header().method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304)
+    {
+        return true;
+    }
+    let h = &resp.headers;
+    !h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.get(http::header::CONTENT_LENGTH).is_some_and(|v| {
+            let v = v.as_bytes();
+            !v.is_empty() && v.iter().all(|&b| b == b'0')
+        })
+}
+
 /// Both `Content-Length` and `Transfer-Encoding`: a request smuggling vector.
 pub fn ambiguous_framing(session: &Session) -> bool {
     let h = &session.req_header().headers;

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::admission::Admission;
+use super::hedge::Hedges;
+use crate::abort::Swept;
 use crate::acme::AcmeState;
 use crate::certs::CertStore;
 use crate::conn::{ConnShared, Connections};
@@ -33,9 +35,20 @@ pub struct Gateway {
     pub conn_shared: Arc<ConnShared>,
     /// One retry budget for every extra attempt, across reloads.
     pub budget: Arc<RetryBudget>,
+    /// Hedged requests: those waiting for their delay, the hedges' pool and the quantile.
+    pub hedges: Arc<Hedges>,
 }
 
 impl Gateway {
+    /// Counts what one sweep of the attempt watch did that no request counts: the retries
+    /// the budget refused. (Each aborted or timed-out attempt is counted by its request, when
+    /// it learns of it: a client that has its answer finds it counted.)
+    pub fn count_swept(&self, swept: Swept) {
+        self.metrics
+            .retry_budget_exhausted
+            .inc_by(swept.refused as u64);
+    }
+
     pub fn new(runtime: Runtime, metrics: Arc<Metrics>, logs: Arc<Logs>) -> Gateway {
         set_config_gauges(&metrics, &runtime);
         let queues = Arc::new(Queues::memory(
@@ -55,6 +68,7 @@ impl Gateway {
             conns: Arc::default(),
             conn_shared,
             budget: Arc::new(RetryBudget::new(Arc::new(SystemClock::new()))),
+            hedges: Arc::default(),
             queues,
             acme: Arc::default(),
             certs: Arc::default(),

@@ -33,6 +33,7 @@ pub mod admission;
 pub mod body;
 pub mod defer;
 pub mod gateway;
+pub mod hedge;
 pub mod request;
 pub mod respond;
 pub mod retry;
@@ -47,6 +48,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_proxy::FailToProxy;
 
+use crate::abort::AbortReason;
 use crate::conn::ClientConn;
 use crate::failure::{self, AttemptError, Failure, Phase};
 use crate::forward::{self, Client};
@@ -124,10 +126,31 @@ impl Gateway {
         }
     }
 
+    /// The hedge's answer, when it won (or wins now: a hedge still in flight is waited for):
+    /// written to the client; `Some(status)` once it was. `None`: no hedge answer to give.
+    async fn deliver_hedge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Option<u16> {
+        if ctx.hedge_won.is_none() {
+            let ticket = ctx.hedge.take()?;
+            if let hedge::Outcome::Won(won) = ticket.outcome(&mut ctx.tried).await {
+                ctx.hedge_won = Some(won);
+            }
+        }
+        let won = ctx.hedge_won.take()?;
+        if session.response_written().is_some() && retry::response_started(session) {
+            return None;
+        }
+        ctx.outcome = Outcome::Proxied;
+        match self.hedges.deliver(session, ctx, &self.logs, won).await {
+            Ok(status) => Some(status),
+            Err(_) => Some(session.response_written().map_or(0, |r| r.status.as_u16())),
+        }
+    }
+
     /// weir aborted the attempt in flight because its node stalled: the node's failure
     /// (neither progress nor the node having closed a connection), and another attempt on
     /// another node (registration made sure one is left).
     fn stall_aborted(&self, session: &Session, ctx: &mut RequestCtx) -> bool {
+        self.metrics.attempts_aborted.inc();
         ctx.end_aborted(&self.logs);
         // The stall watch took this retry from the budget before it aborted.
         let retry =
@@ -150,10 +173,30 @@ impl Gateway {
         // The client's whole request body has been read (or it has none).
         let body_done = session.as_mut().is_body_done();
         let session = &*session;
-        if ctx.take_abort() && matches!(phase, Phase::Exchange { .. }) {
+        let aborted = ctx.take_abort();
+        if aborted == Some(AbortReason::Stall) && matches!(phase, Phase::Exchange { .. }) {
             return self.stall_aborted(session, ctx);
         }
-        match failure::classify(e, phase) {
+        if aborted == Some(AbortReason::HedgeLost) {
+            // The hedge answered first: this attempt was cancelled, no fault of its node;
+            // fail_to_proxy writes the hedge's answer.
+            ctx.release();
+            ctx.decide(None);
+            return false;
+        }
+        // A deadline the watch enforced: the node timed out, whatever error the shut socket
+        // produced.
+        let class = match aborted.and_then(AbortReason::deadline_index) {
+            Some(i) => {
+                self.metrics.attempt_timeouts[i].inc();
+                if ctx.node_in_flight().is_none() {
+                    ctx.end_late_timeout(&self.logs);
+                }
+                AttemptError::Node(Failure::Timeout)
+            }
+            None => failure::classify(e, phase),
+        };
+        match class {
             AttemptError::Node(Failure::Timeout) if !body_done => {
                 e.as_down();
                 ctx.release();
@@ -204,6 +247,7 @@ impl ProxyHttp for Gateway {
             conn.head_done(has_body);
         }
         ctx.client = Some(client_of(session));
+        ctx.upgrade = session.is_upgrade_req();
         // A client that asked for no keep-alive (HTTP/1.0 without it, `Connection: close`)
         // keeps its choice; weir bounds the idle time of the others. Pipelined requests are
         // answered in order (RFC 9112 §9.3.2).
@@ -301,6 +345,16 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        // A hedge in flight decides first: its answer, or its node counts as tried.
+        if let Some(ticket) = &ctx.hedge {
+            match ticket.outcome(&mut ctx.tried).await {
+                hedge::Outcome::Won(won) => {
+                    ctx.hedge_won = Some(won);
+                    return Error::e_explain(ErrorType::HTTPStatus(200), "the hedge answered");
+                }
+                hedge::Outcome::None => ctx.hedge = None,
+            }
+        }
         if let Some(reason) = ctx.take_retry() {
             self.metrics.retry(reason);
             let gap = ctx.runtime.config.retries.gap;
@@ -312,7 +366,9 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::HTTPStatus(503), "every node was tried");
         };
         ctx.start(node);
-        Ok(Box::new(ctx.runtime.nodes[node].peer.clone()))
+        let n = &ctx.runtime.nodes[node];
+        let peer = if ctx.upgrade { &n.tunnel_peer } else { &n.peer };
+        Ok(Box::new(peer.clone()))
     }
 
     /// A pooled connection the node closed while it sat idle is refused here, before anything
@@ -329,18 +385,20 @@ impl ProxyHttp for Gateway {
         if reused && retry::pooled_connection_closed(fd) {
             return Err(failure::stale_unsent());
         }
-        // An attempt that may be sent again is registered for abort on stall. Upstream
-        // connections are HTTP/1 (one exchange per socket at a time), so shutting the socket
-        // down ends this attempt only.
+        // The attempt is watched for its deadlines and, when it may be sent again, for abort
+        // on stall. Upstream connections are HTTP/1 (one exchange per socket at a time), so
+        // shutting the socket down ends this attempt only.
         if let Attempt::InFlight { node, started, .. } = ctx.attempt {
-            let abortable = ctx.runtime.config.retries.abort_on_stall
+            let runtime = &ctx.runtime;
+            // The whole request goes out at once: no body, or weir's copy of it.
+            let whole = ctx.body.is_some() || !body::has_body(session);
+            let stall = runtime.config.retries.abort_on_stall
                 && ctx.replay_safe
-                && (ctx.body.is_some() || !body::has_body(session))
-                && ctx.tried.len() < ctx.runtime.attempt_limit();
-            if abortable {
-                if let Some(n) = ctx.runtime.nodes.get(node) {
-                    ctx.abort = n.aborts.register(fd, started);
-                }
+                && whole
+                && ctx.tried.len() < runtime.attempt_limit();
+            let terms = runtime.watch_terms(stall, ctx.upgrade);
+            if let (true, Some(n)) = (terms.any(), runtime.nodes.get(node)) {
+                ctx.abort = n.aborts.register(fd, started, terms, whole);
             }
         }
         Ok(())
@@ -349,10 +407,13 @@ impl ProxyHttp for Gateway {
     /// The forwarding policy, on every attempt.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.hedgeable(body::has_body(session)) {
+            ctx.hedge = self.hedges.register(ctx, upstream_request);
+        }
         let (Some(node), Some(client)) = (ctx.node_in_flight(), &ctx.client) else {
             return Ok(());
         };
@@ -384,6 +445,10 @@ impl ProxyHttp for Gateway {
             if let Some(conn) = ClientConn::of(session) {
                 conn.body_done();
             }
+            // A streamed body is all out: the attempt's first-byte clock starts.
+            if let (None, Some(watch)) = (&ctx.body, &ctx.abort) {
+                watch.sent();
+            }
             if let Some(slot) = &mut ctx.slot {
                 slot.body_done();
             }
@@ -400,19 +465,39 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        if status < 200 {
+        if status < 200 && status != 101 {
             return Ok(());
         }
-        // From here on an abort would cut a response: the registration ends. An abort that
-        // came first left the connection shut: the attempt failed after all.
-        if ctx.take_abort() {
-            let mut e =
-                Error::explain(ErrorType::ConnectionClosed, "attempt aborted: node stalled");
+        // The first header decides a hedged request: this one, or the hedge's that came first.
+        if let Some(ticket) = ctx.hedge.take() {
+            if !ticket.primary_answered() {
+                ctx.hedge = Some(ticket);
+                let mut e = Error::explain(
+                    ErrorType::ConnectionClosed,
+                    AbortReason::HedgeLost.explain(),
+                );
+                e.as_up();
+                return Err(e);
+            }
+        }
+        // From here on an abort on stall would cut a response; the body's deadlines run. An
+        // abort that came first left the connection shut: the attempt failed after all.
+        if let Err(reason) = ctx.header_arrived() {
+            let mut e = Error::explain(ErrorType::ConnectionClosed, reason.explain());
             e.as_up();
             return Err(e);
         }
         if !ctx.runtime.is_failure_status(status) {
+            // The watch stays while a body follows (it ends with the body's last byte, before
+            // Pingora can pool the connection); a tunnel has only its idle timeout.
+            let watch = ctx.abort.take();
+            if let Attempt::InFlight { started, .. } = ctx.attempt {
+                self.hedges.ttfb.record(started.elapsed());
+            }
             ctx.end(&self.logs, Ok(()));
+            if status != 101 && !body::response_is_empty(session, upstream_response) {
+                ctx.abort = watch;
+            }
             // A node answers: a replay waiting out its backoff may try now.
             self.queues.deferred.signal_recovery();
             self.queues.upfront.signal_recovery();
@@ -428,6 +513,23 @@ impl ProxyHttp for Gateway {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The watch learns of the body's progress, and lets go at its last byte.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(watch) = &ctx.abort {
+            match end_of_stream {
+                true => ctx.abort = None,
+                false => watch.progress(),
+            }
+        }
+        Ok(None)
     }
 
     /// The request id and the configured response headers.
@@ -492,6 +594,12 @@ impl ProxyHttp for Gateway {
             error_code: 0,
             can_reuse_downstream: false,
         };
+        if let Some(status) = self.deliver_hedge(session, ctx).await {
+            return FailToProxy {
+                error_code: status,
+                ..done
+            };
+        }
         if let Some(resp) = session.response_written() {
             if retry::response_started(session) {
                 return FailToProxy {

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::admission::{ClientSlot, Slot};
-use crate::abort::AbortGuard;
+use super::hedge::{Ticket, Won};
+use crate::abort::{AbortGuard, AbortReason};
 use crate::failure::Failure;
 use crate::forward::Client;
 use crate::logs::Logs;
@@ -71,11 +72,17 @@ pub struct RequestCtx {
     pub last_failure: Option<Failure>,
     /// Some attempt may have reached a node (anything but a connect failure).
     pub maybe_sent: bool,
-    /// The attempt in flight may be aborted if its node stalls (registered until its response
-    /// header arrives or it ends).
+    /// The attempt in flight is watched (its deadlines, abort on stall) until it ends or its
+    /// response is complete.
     pub abort: Option<AbortGuard>,
-    /// The attempt in flight was aborted because its node stalled.
-    pub aborted: bool,
+    /// weir ended the attempt in flight, and why.
+    pub aborted: Option<AbortReason>,
+    /// An upgrade request (WebSocket): a tunnel once answered `101`.
+    pub upgrade: bool,
+    /// The request's hedge, from its first attempt until an answer is chosen.
+    pub hedge: Option<Ticket>,
+    /// The hedge won; its answer waits for `fail_to_proxy` to write it.
+    pub hedge_won: Option<Box<Won>>,
     pub outcome: Outcome,
 }
 
@@ -98,7 +105,10 @@ impl RequestCtx {
             last_failure: None,
             maybe_sent: false,
             abort: None,
-            aborted: false,
+            aborted: None,
+            upgrade: false,
+            hedge: None,
+            hedge_won: None,
             outcome: Outcome::Proxied,
         }
     }
@@ -111,12 +121,26 @@ impl RequestCtx {
         }
     }
 
+    /// The attempt in flight may be hedged: hedging on, the first attempt of a replay-safe
+    /// request whose whole body weir has (or that has none), not an upgrade, watched (so that
+    /// it can be cancelled), and another attempt allowed.
+    pub fn hedgeable(&self, has_body: bool) -> bool {
+        self.runtime.config.hedging.enabled
+            && self.tried.len() == 1
+            && self.hedge.is_none()
+            && self.replay_safe
+            && (self.body.is_some() || !has_body)
+            && !self.upgrade
+            && self.abort.is_some()
+            && self.runtime.attempt_limit() >= 2
+    }
+
     /// Starts an attempt on `node`.
     pub fn start(&mut self, node: usize) {
         self.runtime.router.start(node);
         self.tried.push(node);
         self.abort = None;
-        self.aborted = false;
+        self.aborted = None;
         self.attempt = Attempt::InFlight {
             node,
             started: Instant::now(),
@@ -160,13 +184,35 @@ impl RequestCtx {
         self.attempt = Attempt::Ended { retry };
     }
 
-    /// Ends the attempt's abort registration; `true` when weir had already aborted it (its
-    /// node stalled), which is then remembered in `aborted`.
-    pub fn take_abort(&mut self) -> bool {
+    /// Ends the attempt's watch; the reason when weir had already ended the attempt, which
+    /// is then remembered in `aborted`.
+    pub fn take_abort(&mut self) -> Option<AbortReason> {
         if let Some(guard) = self.abort.take() {
-            self.aborted |= guard.aborted();
+            self.aborted = self.aborted.or(guard.reason());
         }
         self.aborted
+    }
+
+    /// The response header of the attempt in flight arrived: its watch moves on to the body
+    /// (`Err`: weir had ended the attempt first, and its connection is shut).
+    pub fn header_arrived(&mut self) -> Result<(), AbortReason> {
+        let Some(guard) = &self.abort else {
+            return Ok(());
+        };
+        guard.header().inspect_err(|reason| {
+            self.aborted = Some(*reason);
+            self.abort = None;
+        })
+    }
+
+    /// A deadline weir enforced after the response header ended the exchange: one more
+    /// failure for the node that answered (its attempt was counted at the header).
+    pub fn end_late_timeout(&mut self, logs: &Logs) {
+        if let Some(&node) = self.tried.last() {
+            self.runtime
+                .record_late_timeout(logs, node, self.started.elapsed());
+        }
+        self.last_failure = Some(Failure::Timeout);
     }
 
     /// Ends an attempt weir aborted on a stalled node: a failure for the node's score (a

@@ -55,6 +55,7 @@
 pub mod budget;
 mod clock;
 mod node;
+pub mod quantile;
 #[cfg(test)]
 mod tests;
 
@@ -67,6 +68,7 @@ pub use crate::config::Algorithm;
 pub use budget::{BudgetTerms, RetryBudget};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use node::{Outcome, SCORE_CAP};
+pub use quantile::TtfbQuantile;
 
 use node::NodeState;
 

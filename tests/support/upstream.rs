@@ -37,8 +37,19 @@ pub enum Behaviour {
     Status(u16),
     /// The echo response with this status and these extra headers (e.g. a 302 with Location).
     Respond { status: u16, headers: Headers },
-    /// Read the request, never answer; the connection is dropped when the peer closes it.
+    /// Read the request, never answer; the connection is dropped when the peer closes it
+    /// (counted in [`Upstream::closed_while_hung`]).
     Hang,
+    /// Answer 200 with `Content-Length: len` at once, then the body one byte (`x`) at a time,
+    /// one every `every`; after `stop_after` bytes (if set) fall silent and wait for the close.
+    Trickle {
+        len: usize,
+        every: Duration,
+        stop_after: Option<usize>,
+    },
+    /// Answer `101 Switching Protocols` and then echo every byte back (a WebSocket-like
+    /// tunnel), until the peer closes.
+    Tunnel,
     /// Read the request, then wait for [`Upstream::release`] and answer 200.
     Hold,
     /// Read the request, then close with a TCP RST (SO_LINGER 0).
@@ -101,6 +112,8 @@ struct Shared {
     accepted: std::sync::atomic::AtomicUsize,
     released: watch::Sender<bool>,
     connections: Mutex<Vec<JoinHandle<()>>>,
+    /// Hung or trickling exchanges whose peer (the gateway) closed the connection.
+    closed: watch::Sender<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,6 +143,7 @@ impl Upstream {
             accepted: std::sync::atomic::AtomicUsize::new(0),
             released: watch::Sender::new(false),
             connections: Mutex::new(Vec::new()),
+            closed: watch::Sender::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Upstream {
@@ -258,6 +272,19 @@ impl Upstream {
             .unwrap_or_else(|e| panic!("re-listen on {}: {e}", self.shared.addr));
         let task = tokio::spawn(accept_loop(listener, self.shared.clone()));
         *lock(&self.accept) = Some(task);
+    }
+
+    /// Hung (or silent trickling) exchanges the gateway closed: a cancelled attempt is seen.
+    pub fn closed_while_hung(&self) -> usize {
+        *self.shared.closed.borrow()
+    }
+
+    /// Waits until `n` hung exchanges were closed by the gateway, at most `deadline`.
+    pub async fn wait_for_closed(&self, n: usize, deadline: Duration) -> bool {
+        let mut rx = self.shared.closed.subscribe();
+        tokio::time::timeout(deadline, rx.wait_for(|c| *c >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Requests received so far (complete head and body).
@@ -393,6 +420,45 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             }
             Behaviour::Hang => {
                 wire.read_to_close().await;
+                shared.closed.send_modify(|c| *c += 1);
+                return;
+            }
+            Behaviour::Trickle {
+                len,
+                every,
+                stop_after,
+            } => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nX-Node: {}\r\nContent-Length: {len}\r\n\r\n",
+                    shared.name
+                );
+                if wire.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let upto = stop_after.unwrap_or(len).min(len);
+                for _ in 0..upto {
+                    tokio::time::sleep(every).await;
+                    if wire.write_all(b"x").await.is_err() {
+                        // The gateway closed the connection mid-body.
+                        shared.closed.send_modify(|c| *c += 1);
+                        return;
+                    }
+                }
+                if upto < len {
+                    wire.read_to_close().await;
+                    shared.closed.send_modify(|c| *c += 1);
+                    return;
+                }
+                answered_here += 1;
+                continue;
+            }
+            Behaviour::Tunnel => {
+                let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                            Connection: Upgrade\r\n\r\n";
+                if wire.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                wire.echo_until_close().await;
                 return;
             }
             Behaviour::Reset => {

@@ -304,6 +304,25 @@ impl Wire {
         }
     }
 
+    /// Writes back every byte read (what was buffered first), until EOF or an error.
+    pub async fn echo_until_close(&mut self) {
+        let pending = std::mem::take(&mut self.buf);
+        if !pending.is_empty() && self.write_all(&pending).await.is_err() {
+            return;
+        }
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if self.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Reads until EOF (or error), returning everything not consumed yet.
     pub async fn read_to_close(&mut self) -> Vec<u8> {
         while let Ok(n) = self.fill().await {
