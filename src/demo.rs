@@ -166,6 +166,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
         let mut last = vec![0u64; report_nodes.len()];
         let mut last_aborts = 0;
         let mut last_retries = 0;
+        let mut last_hedges = (0, 0);
         loop {
             tokio::time::sleep(REPORT_EVERY).await;
             let state = gateway.runtime();
@@ -183,10 +184,13 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
                 ));
             }
             line.push_str(&format!(
-                " aborted {} retried {} |",
+                " aborted {} retried {} hedges {} won {} |",
                 totals.attempts_aborted - last_aborts,
-                retries - last_retries
+                retries - last_retries,
+                totals.hedges_sent - last_hedges.0,
+                totals.hedges_won - last_hedges.1,
             ));
+            last_hedges = (totals.hedges_sent, totals.hedges_won);
             last_aborts = totals.attempts_aborted;
             last_retries = retries;
             for (i, n) in report_nodes.iter().enumerate() {

@@ -178,9 +178,11 @@ impl Gateway {
             return self.stall_aborted(session, ctx);
         }
         if aborted == Some(AbortReason::HedgeLost) {
-            // The hedge answered first: this attempt was cancelled, no fault of its node;
-            // fail_to_proxy writes the hedge's answer.
-            ctx.release();
+            // The hedge answered first: this attempt was cancelled and fail_to_proxy writes
+            // the hedge's answer. For the router its node was slower than another that
+            // answered: a failure without progress, as an abort on stall (a hung node
+            // must keep looking stalled while its hedged attempts are cancelled).
+            ctx.end_hedge_lost();
             ctx.decide(None);
             return false;
         }
@@ -189,6 +191,9 @@ impl Gateway {
         let class = match aborted.and_then(AbortReason::deadline_index) {
             Some(i) => {
                 self.metrics.attempt_timeouts[i].inc();
+                // The shut socket surfaced as some read or write error: it is a timeout (a
+                // client still sending its body is answered 408, as by Pingora's timeouts).
+                e.etype = ErrorType::ReadTimedout;
                 if ctx.node_in_flight().is_none() {
                     ctx.end_late_timeout(&self.logs);
                 }

@@ -228,6 +228,17 @@ impl RequestCtx {
         self.maybe_sent = true;
     }
 
+    /// Ends an attempt whose hedge answered first: for the router, a failure without
+    /// progress (see `Router::finish_stalled`); no metric or error line blames the node.
+    pub fn end_hedge_lost(&mut self) {
+        let Attempt::InFlight { node, started, .. } = self.attempt else {
+            return;
+        };
+        self.abort = None;
+        self.attempt = Attempt::Ended { retry: None };
+        self.runtime.router.finish_stalled(node, started.elapsed());
+    }
+
     /// Records the retry decision for the attempt that just ended.
     pub fn decide(&mut self, retry: Option<RetryReason>) {
         self.attempt = Attempt::Ended { retry };
