@@ -473,8 +473,10 @@ impl ProxyHttp for Gateway {
         if status < 200 && status != 101 {
             return Ok(());
         }
-        // The first header decides a hedged request: this one, or the hedge's that came first.
-        if let Some(ticket) = ctx.hedge.take() {
+        // The first good header decides a hedged request: this one, or the hedge's that came
+        // first. (A failure status leaves the hedge running: it may still answer.)
+        let failure_status = status != 101 && ctx.runtime.is_failure_status(status);
+        if let Some(ticket) = ctx.hedge.take_if(|_| !failure_status) {
             if !ticket.primary_answered() {
                 ctx.hedge = Some(ticket);
                 let mut e = Error::explain(
