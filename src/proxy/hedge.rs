@@ -46,6 +46,7 @@ use crate::failure::{classify, AttemptError, Failure, Phase};
 use crate::forward::{self, Client};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
+use crate::queue::delivery::send_request;
 use crate::routing::{RetryBudget, SystemClock, TtfbQuantile};
 use crate::runtime::Runtime;
 
@@ -317,21 +318,10 @@ impl Hedges {
         forward::prepare(&mut head, n, runtime.config.upstream_host, &plan.client)
             .map_err(|e| (e, phase))?;
         let exchange = async {
-            session.write_request_header(Box::new(head)).await?;
-            if let Some(body) = &plan.body {
-                session.write_request_body(body.clone(), true).await?;
-            }
-            session.finish_request_body().await?;
-            loop {
-                session.read_response_header().await?;
-                let Some(header) = session.response_header() else {
-                    return Error::e_explain(ErrorType::InvalidHTTPHeader, "no response header");
-                };
-                let status = header.status.as_u16();
-                if !(100..200).contains(&status) {
-                    let header = header.clone();
-                    return Ok(header);
-                }
+            send_request(&mut session, head, plan.body.clone()).await?;
+            match session.response_header() {
+                Some(header) => Ok(header.clone()),
+                None => Error::e_explain(ErrorType::InvalidHTTPHeader, "no response header"),
             }
         };
         let bound = runtime.config.timeouts.first_byte();
@@ -485,11 +475,6 @@ impl Ticket {
             tried.push(node);
         }
         Outcome::None
-    }
-
-    /// The hedge won (its answer is waiting to be written).
-    pub fn won(&self) -> bool {
-        self.cell.state.load(Acquire) == HEDGE_WON
     }
 }
 

@@ -494,7 +494,7 @@ impl ProxyHttp for Gateway {
             e.as_up();
             return Err(e);
         }
-        if !ctx.runtime.is_failure_status(status) {
+        if !failure_status {
             // The watch stays while a body follows (it ends with the body's last byte, before
             // Pingora can pool the connection); a tunnel has only its idle timeout.
             let watch = ctx.abort.take();

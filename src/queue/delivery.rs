@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::prelude::*;
+use pingora::protocols::http::client::HttpSession;
 use pingora_core::connectors::http::Connector;
 use smallvec::SmallVec;
 
@@ -66,27 +67,13 @@ impl ClusterDelivery {
         session.set_read_timeout(state.config.timeouts.request);
         session.set_write_timeout(state.config.timeouts.request);
         let head = request_head(req, state, node).map_err(|e| (e, phase))?;
-        let exchange = async {
-            session.write_request_header(Box::new(head)).await?;
-            if !req.body.is_empty() {
-                session.write_request_body(req.body.clone(), true).await?;
-            }
-            session.finish_request_body().await?;
-            loop {
-                session.read_response_header().await?;
-                let status = session
-                    .response_header()
-                    .map(|r| r.status.as_u16())
-                    .unwrap_or(0);
-                if !(100..200).contains(&status) || status == 101 {
-                    return Ok::<u16, Box<Error>>(status);
-                }
-            }
-        };
-        let status = exchange.await.map_err(|mut e| {
-            e.as_up();
-            (e, phase)
-        })?;
+        let body = (!req.body.is_empty()).then(|| req.body.clone());
+        let status = send_request(&mut session, head, body)
+            .await
+            .map_err(|mut e| {
+                e.as_up();
+                (e, phase)
+            })?;
         // Read the answer off the wire (bounded) so the node sees a normal exchange.
         let mut drained = 0usize;
         while drained < MAX_RESPONSE_DRAIN {
@@ -97,6 +84,31 @@ impl ClusterDelivery {
         }
         session.shutdown().await;
         Ok(status)
+    }
+}
+
+/// Sends one request on `session` (head, then the body if any) and reads up to its final
+/// response header (1xx skipped; a `101` is final); returns the status. Shared by queue
+/// deliveries and hedges, weir's two attempts outside Pingora's proxy loop.
+pub(crate) async fn send_request(
+    session: &mut HttpSession,
+    head: RequestHeader,
+    body: Option<bytes::Bytes>,
+) -> Result<u16> {
+    session.write_request_header(Box::new(head)).await?;
+    if let Some(body) = body {
+        session.write_request_body(body, true).await?;
+    }
+    session.finish_request_body().await?;
+    loop {
+        session.read_response_header().await?;
+        let status = session
+            .response_header()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        if !(100..200).contains(&status) || status == 101 {
+            return Ok(status);
+        }
     }
 }
 
