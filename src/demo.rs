@@ -109,6 +109,10 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
     }];
     config.log.access = AccessLog::Off;
     config.log.error_log = ErrorLog::Off;
+    // The demo's queues are its own: a fresh log in a directory of this run (a second demo, or
+    // a weir already running as this user, keeps its own).
+    config.server.data_dir =
+        Some(std::env::temp_dir().join(format!("weir-demo-{}", std::process::id())));
     let nodes: Vec<Arc<DemoNode>> = PORTS
         .iter()
         .enumerate()

@@ -42,13 +42,16 @@ pub enum Rejection {
     ClientTimeout = 3,
     /// A client address over `limits.max_requests_per_client` (429).
     ClientLimit = 4,
+    /// The queue's store could not take a request it had room for (a log write failed).
+    QueueUnavailable = 5,
 }
-const REJECTION_REASONS: [&str; 5] = [
+const REJECTION_REASONS: [&str; 6] = [
     "concurrency",
     "queue_full",
     "bad_request",
     "client_timeout",
     "client_limit",
+    "queue_unavailable",
 ];
 /// `weir_connections_refused_total{reason}` values.
 const CONNECTION_REFUSALS: [&str; 2] = ["max_connections", "per_client"];

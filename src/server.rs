@@ -270,7 +270,8 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     );
     let runtime = Runtime::build(config.clone(), &metrics)?;
     let pair = crate::certs::load_configured(&config)?;
-    let gateway = Arc::new(Gateway::new(runtime, metrics, logs));
+    let queues = Arc::new(crate::queue::Queues::open(&config, &metrics, opts.upgrade)?);
+    let gateway = Arc::new(Gateway::with_queues(runtime, metrics, logs, queues));
     gateway.certs.set_files(pair);
 
     let opt = Opt {
@@ -394,8 +395,9 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     Ok(Built { server, gateway })
 }
 
-/// SIGHUP reloads the config, SIGUSR1 reopens the log files (rotation).
-/// (SIGQUIT, SIGTERM and SIGINT are Pingora's: upgrade hand-over, graceful and fast stop.)
+/// SIGHUP reloads the config, SIGUSR1 reopens the log files (rotation), SIGINT reports the
+/// queues before Pingora's fast stop.
+/// (SIGQUIT, SIGTERM and SIGINT are also Pingora's: upgrade hand-over, graceful and fast stop.)
 struct Signals {
     gateway: Arc<Gateway>,
     reloader: Option<Reloader>,
@@ -405,9 +407,10 @@ struct Signals {
 impl BackgroundService for Signals {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut usr1), Ok(mut hup)) = (
+        let (Ok(mut usr1), Ok(mut hup), Ok(mut int)) = (
             signal(SignalKind::user_defined1()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::interrupt()),
         ) else {
             log::error!(
                 "cannot install the SIGHUP/SIGUSR1 handlers; reload and log reopening are off"
@@ -419,6 +422,15 @@ impl BackgroundService for Signals {
                 _ = usr1.recv() => {
                     log::info!("SIGUSR1: reopening log files");
                     self.gateway.logs.reopen();
+                }
+                // Pingora's fast stop: no grace period and no replay shutdown, so the queues
+                // report here what is left (a durable log keeps it for the next start).
+                _ = int.recv() => {
+                    log::warn!("SIGINT: fast shutdown");
+                    for q in [&self.gateway.queues.deferred, &self.gateway.queues.upfront] {
+                        q.sync().await;
+                        q.report_remaining();
+                    }
                 }
                 _ = hup.recv() => match &self.reloader {
                     Some(r) => r.reload_and_log(),

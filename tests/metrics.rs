@@ -157,6 +157,7 @@ const LABEL_VALUES: [(&str, &[&str]); 6] = [
         &[
             "concurrency",
             "queue_full",
+            "queue_unavailable",
             "bad_request",
             "client_timeout",
             "client_limit",

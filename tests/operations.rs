@@ -80,6 +80,7 @@ async fn upgrade(gw: &Gateway) -> std::process::Child {
         .args(["run", "-u", "-c"])
         .arg(gw.config_path())
         .current_dir(gw.dir())
+        .env("STATE_DIRECTORY", gw.dir().join("state"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

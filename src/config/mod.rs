@@ -109,6 +109,7 @@ pub struct Config {
     pub admin: Admin,
     pub log: LogConfig,
     pub server: ServerSettings,
+    pub store: Store,
 }
 
 impl Default for Config {
@@ -133,6 +134,7 @@ impl Default for Config {
             admin: Admin::default(),
             log: LogConfig::default(),
             server: ServerSettings::default(),
+            store: Store::default(),
         }
     }
 }
@@ -497,6 +499,65 @@ pub struct QueueConfig {
     /// Deliveries in parallel (dispatched in queue order).
     #[serde(with = "values::positive")]
     pub replay_concurrency: u32,
+    /// Where entries are kept: `log` (default, durable under `server.data_dir`) or `memory`.
+    pub storage: Storage,
+    /// Bytes of queued requests (head and body) beyond which a push is refused (`Queue Full`):
+    /// what the queue may hold in memory and on disk.
+    #[serde(with = "units::size")]
+    pub max_bytes: usize,
+}
+
+/// Where a queue keeps its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// An append-only log under `server.data_dir`: survives the process being killed.
+    #[default]
+    Log,
+    /// The process's memory: lost with it (handed over on an upgrade).
+    Memory,
+}
+
+impl Storage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Storage::Log => "log",
+            Storage::Memory => "memory",
+        }
+    }
+}
+
+/// When the queue log is flushed to stable storage (power-loss durability). Every push is
+/// written to the file (and so survives the process) before the client is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// `fdatasync` before each answer (pushes waiting together share one: group commit).
+    Always,
+    /// `fdatasync` at most this long after a write; the answer does not wait for it.
+    Interval(Duration),
+    /// Left to the operating system.
+    Never,
+}
+
+/// Settings of the durable queue stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of store settings")]
+pub struct Store {
+    /// `always`, `never`, or an interval such as `5ms`.
+    #[serde(with = "values::fsync")]
+    pub fsync: Fsync,
+    /// A log segment is closed (and deleted once every entry in it left) at this size.
+    #[serde(with = "units::size")]
+    pub segment_size: usize,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            fsync: Fsync::Interval(Duration::from_millis(5)),
+            segment_size: 64 << 20,
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -511,14 +572,21 @@ impl Default for QueueConfig {
             replay_unsafe: false,
             replay_rate: 200,
             replay_concurrency: 1,
+            storage: Storage::Log,
+            max_bytes: 256 << 20,
         }
     }
 }
 
 impl QueueConfig {
-    /// The most entries a queue may hold: its slots are allocated when weir starts (a capacity
-    /// of 10^8 asked for 18 GB and aborted the process; 10^6 is about 180 MB).
-    pub const MAX_CAPACITY: usize = 1_000_000;
+    /// The most entries a queue may hold (each costs about 200 B of memory besides its bytes,
+    /// whatever the storage: the log keeps an index in memory).
+    pub const MAX_CAPACITY: usize = 10_000_000;
+    /// The most bytes a memory queue may hold (every byte of it is in memory).
+    pub const MAX_MEMORY_BYTES: usize = 64 << 30;
+    /// The most bytes a log queue may hold. The log also keeps every queued entry in
+    /// memory (the replay reads from there), so this bounds memory as well.
+    pub const MAX_BYTES: usize = 256 << 30;
 
     /// The upfront queue's defaults: off, and no request matches.
     pub fn upfront() -> Self {
@@ -611,6 +679,42 @@ pub struct ServerSettings {
     /// Then let in-flight requests finish this long (whole seconds).
     #[serde(with = "units::whole_seconds")]
     pub graceful_shutdown_timeout: Duration,
+    /// Where the queue logs live; `auto` (default): see [`ServerSettings::data_dir`].
+    #[serde(with = "values::path_or_auto")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ServerSettings {
+    /// The data directory: `server.data_dir`, else systemd's `$STATE_DIRECTORY` (set by
+    /// `StateDirectory=`), else `$XDG_STATE_HOME/weir`, else `$HOME/.local/state/weir`, else
+    /// `/var/lib/weir`.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        if let Some(dir) = env("STATE_DIRECTORY") {
+            // systemd may list several, separated by colons: the first is ours.
+            let first = dir
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            return PathBuf::from(first);
+        }
+        if let Some(dir) = env("XDG_STATE_HOME") {
+            return dir.join("weir");
+        }
+        if let Some(home) = env("HOME") {
+            return home.join(".local/state/weir");
+        }
+        PathBuf::from("/var/lib/weir")
+    }
 }
 
 impl Default for ServerSettings {
@@ -621,6 +725,7 @@ impl Default for ServerSettings {
             upgrade_sock: PathBuf::from("/tmp/weir_upgrade.sock"),
             grace_period: Duration::from_secs(5),
             graceful_shutdown_timeout: Duration::from_secs(5),
+            data_dir: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::fmt;
 
 use super::units::format_size;
 use super::values::{check_header, host_port, is_host_name};
-use super::{Config, Limits, QueueConfig, Scheme, ACME_NEEDS_PLAIN_LISTENER};
+use super::{Config, Limits, QueueConfig, Scheme, Storage, ACME_NEEDS_PLAIN_LISTENER};
 
 /// One step of a key path: a map key or a list index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +118,36 @@ impl Config {
                     ),
                 ));
             }
+            let (max, what) = match q.storage {
+                Storage::Memory => (
+                    QueueConfig::MAX_MEMORY_BYTES,
+                    "a memory queue holds every byte in memory",
+                ),
+                Storage::Log => (
+                    QueueConfig::MAX_BYTES,
+                    "the log queue also keeps every entry in memory",
+                ),
+            };
+            if q.max_bytes > max {
+                return Err(Finding::new(
+                    at!(name, "max_bytes"),
+                    format!(
+                        "{} is more than the maximum of {} for storage {} ({what})",
+                        format_size(q.max_bytes),
+                        format_size(max),
+                        q.storage.label()
+                    ),
+                ));
+            }
+        }
+        if self.store.segment_size < (1 << 20) || self.store.segment_size > (1 << 30) {
+            return Err(Finding::new(
+                at!("store", "segment_size"),
+                format!(
+                    "{} is outside 1MiB..1GiB",
+                    format_size(self.store.segment_size)
+                ),
+            ));
         }
         if self.hedging.min_delay > self.hedging.max_delay {
             return Err(Finding::new(

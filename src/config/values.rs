@@ -22,7 +22,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Unexp
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::{AccessLog, Algorithm, ErrorLog, Listener, Scheme, Upstream, UpstreamHost};
+use super::{
+    AccessLog, Algorithm, ErrorLog, Fsync, Listener, Scheme, Storage, Upstream, UpstreamHost,
+};
 
 // === the scalar reader ===
 
@@ -234,6 +236,71 @@ impl<'de> Deserialize<'de> for UpstreamHost {
             )
         })
         .read(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for Storage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Scalar::new("log or memory", |s| {
+            keyword(s, &[("log", Storage::Log), ("memory", Storage::Memory)])
+        })
+        .read(d)
+    }
+}
+
+/// The queue log's fsync policy: `always`, `never`, or an interval such as `5ms`.
+pub mod fsync {
+    use super::*;
+    use crate::config::units::{format_duration, parse_duration};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Fsync, D::Error> {
+        Scalar::new("always, never, or an interval such as 5ms", |s| {
+            match s.trim() {
+                "always" => Ok(Fsync::Always),
+                "never" => Ok(Fsync::Never),
+                t => match parse_duration(t) {
+                    Ok(d) if d.is_zero() => Ok(Fsync::Always),
+                    Ok(d) if d > std::time::Duration::from_secs(60) => Err(format!(
+                        "an fsync interval of {t} could lose a minute of buffered requests on a \
+                     power loss; at most 60s (or never)"
+                    )),
+                    Ok(d) => Ok(Fsync::Interval(d)),
+                    Err(e) => Err(format!("`{s}` is not always, never, or an interval ({e})")),
+                },
+            }
+        })
+        .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(f: &Fsync, s: S) -> Result<S::Ok, S::Error> {
+        match f {
+            Fsync::Always => s.serialize_str("always"),
+            Fsync::Never => s.serialize_str("never"),
+            Fsync::Interval(d) => s.serialize_str(&format_duration(*d)),
+        }
+    }
+}
+
+/// A directory, or `auto` for the default.
+pub mod path_or_auto {
+    use super::*;
+    use std::path::PathBuf;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        Scalar::new("a directory, or auto", |s| match s.trim() {
+            "auto" => Ok(None),
+            "" => Err("an empty path (say auto for the default)".to_string()),
+            t => Ok(Some(PathBuf::from(t))),
+        })
+        .null_as("auto")
+        .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_str(&p.to_string_lossy()),
+            None => s.serialize_str("auto"),
+        }
     }
 }
 

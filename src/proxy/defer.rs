@@ -12,7 +12,7 @@ use super::request::RequestCtx;
 use super::respond::{self, Answer};
 use super::Gateway;
 use crate::metrics::{Outcome, Rejection};
-use crate::queue::{unix_ms, Queue, QueuedRequest};
+use crate::queue::{unix_ms, PushError, Queue, QueuedRequest};
 
 /// How long a client may take between two body reads while weir reads its body.
 const CLIENT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,16 +70,19 @@ pub async fn defer(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) ->
     };
     let queue = gw.queues.deferred.clone();
     let rate = ctx.runtime.config.deferred_queue.replay_rate;
-    Some(enqueue(
-        gw,
-        session,
-        ctx,
-        &queue,
-        body,
-        503,
-        "Request Buffered",
-        rate,
-    ))
+    Some(
+        enqueue(
+            gw,
+            session,
+            ctx,
+            &queue,
+            body,
+            503,
+            "Request Buffered",
+            rate,
+        )
+        .await,
+    )
 }
 
 /// The upfront queue takes the request without proxying it: 202, or 503 when full, or 413
@@ -106,7 +109,7 @@ pub async fn enqueue_upfront(
     let answer = match body {
         Some(body) => {
             let rate = ctx.runtime.config.upfront_queue.replay_rate;
-            enqueue(gw, session, ctx, queue, body, 202, "Request Queued", rate)
+            enqueue(gw, session, ctx, queue, body, 202, "Request Queued", rate).await
         }
         None => {
             ctx.outcome = Outcome::Rejected;
@@ -120,7 +123,7 @@ pub async fn enqueue_upfront(
 /// Pushes the request onto `queue` and returns the answer: `status`/`message` with the
 /// queue id, or `503 Queue Full`.
 #[allow(clippy::too_many_arguments)]
-fn enqueue(
+async fn enqueue(
     gw: &Gateway,
     session: &Session,
     ctx: &mut RequestCtx,
@@ -133,7 +136,7 @@ fn enqueue(
     let entry = entry(session, ctx, queue, body);
     let method = entry.method.clone();
     let target = String::from_utf8_lossy(&entry.target).into_owned();
-    match queue.push(entry) {
+    match queue.push(entry).await {
         Ok(id) => {
             log::info!(
                 "queue={} id={id} {method} {target} queued (depth {})",
@@ -151,11 +154,25 @@ fn enqueue(
                 ..Answer::new(status, message)
             }
         }
-        Err(_) => {
+        Err(PushError::Unavailable(_, e)) => {
+            log::error!(
+                "queue={} cannot store {method} {target}: {e}; refused",
+                queue.kind.label()
+            );
+            gw.metrics.rejected(Rejection::QueueUnavailable);
+            ctx.outcome = Outcome::Rejected;
+            Answer {
+                retry_after: Some(5),
+                ..Answer::new(503, "Queue Unavailable")
+            }
+        }
+        Err(PushError::Full(_)) => {
             log::warn!(
-                "queue={} full ({}): {method} {target} refused",
+                "queue={} full ({} entries, {} of {} bytes): {method} {target} refused",
                 queue.kind.label(),
-                queue.capacity()
+                queue.len(),
+                queue.bytes(),
+                queue.max_bytes()
             );
             gw.metrics.rejected(Rejection::QueueFull);
             ctx.outcome = Outcome::Rejected;

@@ -49,13 +49,24 @@ impl Gateway {
             .inc_by(swept.refused as u64);
     }
 
+    /// A gateway with memory queues (tests, the fuzzer).
     pub fn new(runtime: Runtime, metrics: Arc<Metrics>, logs: Arc<Logs>) -> Gateway {
-        set_config_gauges(&metrics, &runtime);
         let queues = Arc::new(Queues::memory(
             runtime.config.deferred_queue.capacity,
             runtime.config.upfront_queue.capacity,
             &metrics,
         ));
+        Gateway::with_queues(runtime, metrics, logs, queues)
+    }
+
+    /// A gateway with `queues` (see [`Queues::open`]).
+    pub fn with_queues(
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        logs: Arc<Logs>,
+        queues: Arc<Queues>,
+    ) -> Gateway {
+        set_config_gauges(&metrics, &runtime);
         let conn_shared = Arc::new(ConnShared {
             metrics: metrics.clone(),
             logs: logs.clone(),

@@ -3,8 +3,9 @@
 //! A successor started with `weir run -u` listens on a unix socket next to Pingora's upgrade
 //! socket (`<server.upgrade_sock>.queue`) for a bounded window. When the old process shuts
 //! down, each queue's replay stops taking new work, lets deliveries in flight finish, and, if a
-//! successor answers on that socket, sends it every request still queued, in queue order, one
-//! JSON line each, then waits for `ok <n>`. Only after that acknowledgement are the requests the
+//! successor answers on that socket, sends it every request still queued, in queue order, as
+//! the queue log's records (bytes as they are, with a checksum), then waits for `ok <n>`. The
+//! successor reads and checks everything before it takes anything (all or nothing). Only after that acknowledgement are the requests the
 //! successor's; if anything fails they are put back and the old process carries on as it would
 //! without a successor (replay through the grace period, then a report of what is left).
 //! Both sides log the count; queue ids, attempts, age (for the TTL) and last errors travel with
@@ -17,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::{unix_ms, ExportedRequest, Queue, QueueId, QueueKind, QueuedRequest, Queues};
@@ -27,8 +28,8 @@ use super::{unix_ms, ExportedRequest, Queue, QueueId, QueueKind, QueuedRequest, 
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// How long the old process waits for the successor's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest hand-over line accepted (a request with a body up to a few MiB, JSON-encoded).
-const MAX_LINE: usize = 64 * 1024 * 1024;
+/// Largest hand-over accepted (a memory queue's bytes are bounded by its `max_bytes`).
+const MAX_HANDOVER: usize = 64 << 30;
 
 /// The hand-over socket for a given Pingora upgrade socket.
 pub fn socket_path(upgrade_sock: &Path) -> PathBuf {
@@ -49,21 +50,15 @@ pub fn import(e: ExportedRequest) -> Result<QueuedRequest, String> {
         headers.put_slice(value.as_bytes());
         headers.put_slice(b"\r\n");
     }
-    // The age carries over, so the TTL counts from the original arrival.
-    let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(e.enqueued_unix_ms));
-    let enqueued = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-    // The ids as the client got them; a missing or unusable one (an older process's export) is
-    // made anew as on arrival.
-    let mut ids = http::HeaderMap::new();
-    if let Ok(v) = http::HeaderValue::from_str(&e.request_id) {
-        ids.insert(crate::forward::X_REQUEST_ID, v);
-    }
-    if let Ok(v) = http::HeaderValue::from_str(&e.traceparent) {
-        ids.insert(crate::forward::trace::TRACEPARENT, v);
-    }
     let ip = e.client_ip.as_deref().and_then(|s| s.parse().ok());
-    let mut client = crate::forward::Client::capture(&ids, ip, e.tls);
-    client.trace_started_here |= e.trace_started_here;
+    let client = restore_client(
+        e.request_id.as_bytes(),
+        e.traceparent.as_bytes(),
+        ip,
+        e.tls,
+        e.trace_started_here,
+    );
+    let enqueued = enqueued_at(e.enqueued_unix_ms);
     Ok(QueuedRequest {
         id: QueueId(id),
         method,
@@ -79,23 +74,50 @@ pub fn import(e: ExportedRequest) -> Result<QueuedRequest, String> {
     })
 }
 
+/// The tokio instant of an arrival at `unix_ms`: the age carries over, so the TTL counts from
+/// the original arrival.
+pub fn enqueued_at(unix_ms_at: u64) -> Instant {
+    let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(unix_ms_at));
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+/// The client side of a queued request that was stored: the ids as the client got them; a
+/// missing or unusable one (an older process's export) is made anew as on arrival.
+pub fn restore_client(
+    request_id: &[u8],
+    traceparent: &[u8],
+    ip: Option<std::net::IpAddr>,
+    tls: bool,
+    trace_started_here: bool,
+) -> crate::forward::Client {
+    let mut ids = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_bytes(request_id) {
+        ids.insert(crate::forward::X_REQUEST_ID, v);
+    }
+    if let Ok(v) = http::HeaderValue::from_bytes(traceparent) {
+        ids.insert(crate::forward::trace::TRACEPARENT, v);
+    }
+    let mut client = crate::forward::Client::capture(&ids, ip, tls);
+    client.trace_started_here |= trace_started_here;
+    client
+}
+
 /// Old process: offers `entries` of `kind` to a successor. `Ok(n)` once the successor
 /// acknowledged all `n`; `Err` (nothing taken over) when there is no successor or it failed.
 pub async fn offer(
     path: &Path,
     kind: QueueKind,
-    entries: &[ExportedRequest],
+    entries: &[QueuedRequest],
 ) -> Result<usize, String> {
     let mut stream = UnixStream::connect(path)
         .await
         .map_err(|e| format!("no successor on {}: {e}", path.display()))?;
     let send = async {
-        let mut out = Vec::with_capacity(64 + entries.len() * 512);
+        let mut out = Vec::with_capacity(64 + entries.iter().map(|e| e.size() + 64).sum::<usize>());
         out.extend_from_slice(kind.label().as_bytes());
         out.push(b'\n');
         for e in entries {
-            serde_json::to_writer(&mut out, e).map_err(|e| e.to_string())?;
-            out.push(b'\n');
+            super::journal::frame(&mut out, &super::journal::encode_push(e));
         }
         stream.write_all(&out).await.map_err(|e| e.to_string())?;
         stream.shutdown().await.map_err(|e| e.to_string())?;
@@ -138,7 +160,7 @@ pub async fn receive(path: PathBuf, queues: Arc<Queues>) {
         let queues = queues.clone();
         tokio::spawn(async move {
             if let Err(e) = take_over(stream, &queues).await {
-                log::error!("queue hand-over failed: {e}");
+                log::error!("queue hand-over failed (nothing taken over): {e}");
             }
         });
     }
@@ -147,44 +169,53 @@ pub async fn receive(path: PathBuf, queues: Arc<Queues>) {
     receiving(false);
 }
 
+/// Reads the whole hand-over and checks every entry before taking any (all or nothing).
 async fn take_over(stream: UnixStream, queues: &Queues) -> Result<(), String> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read);
-    let mut line = String::new();
-    lines
-        .read_line(&mut line)
+    let mut data = Vec::new();
+    read.take(MAX_HANDOVER as u64 + 1)
+        .read_to_end(&mut data)
         .await
         .map_err(|e| e.to_string())?;
-    let queue: &Queue = match line.trim() {
-        "deferred" => &queues.deferred,
-        "upfront" => &queues.upfront,
-        other => return Err(format!("unknown queue {other:?}")),
+    if data.len() > MAX_HANDOVER {
+        return Err("hand-over larger than its limit".into());
+    }
+    let nl = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no queue name")?;
+    let queue: &Queue = match &data[..nl] {
+        b"deferred" => &queues.deferred,
+        b"upfront" => &queues.upfront,
+        other => {
+            return Err(format!(
+                "unknown queue {:?}",
+                String::from_utf8_lossy(other)
+            ))
+        }
     };
+    let mut entries = Vec::new();
+    let mut at = nl + 1;
+    while at < data.len() {
+        let (payload, next) = super::journal::record_at(&data, at)?;
+        entries.push(super::journal::decode(payload)?);
+        at = next;
+    }
     let mut taken = 0usize;
     let mut refused = 0usize;
-    loop {
-        line.clear();
-        let n = (&mut lines)
-            .take(MAX_LINE as u64 + 1)
-            .read_line(&mut line)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        if n > MAX_LINE {
-            return Err("hand-over line too long".into());
-        }
-        let exported: ExportedRequest =
-            serde_json::from_str(line.trim_end()).map_err(|e| format!("bad entry: {e}"))?;
-        let req = import(exported)?;
+    let n = entries.len();
+    for req in entries {
         let (id, method, target) = (req.id, req.method.clone(), req.target.clone());
-        match queue.push(req) {
+        match queue.push(req).await {
             Ok(_) => taken += 1,
-            Err(_) => {
+            Err(e) => {
                 refused += 1;
+                let why = match e {
+                    super::PushError::Full(_) => "the queue is full".to_string(),
+                    super::PushError::Unavailable(_, e) => e,
+                };
                 log::error!(
-                    "queue={} id={id} {method} {} handed over but the queue is full: not kept",
+                    "queue={} id={id} {method} {} handed over but not kept: {why}",
                     queue.kind.label(),
                     String::from_utf8_lossy(&target)
                 );
@@ -195,14 +226,14 @@ async fn take_over(stream: UnixStream, queues: &Queues) -> Result<(), String> {
         "queue={} took over {taken} queued requests from the previous process{}",
         queue.kind.label(),
         if refused > 0 {
-            format!(" ({refused} did not fit and were logged)")
+            format!(" ({refused} could not be kept and were logged)")
         } else {
             String::new()
         }
     );
     queue.signal_recovery();
     write
-        .write_all(format!("ok {}\n", taken + refused).as_bytes())
+        .write_all(format!("ok {n}\n").as_bytes())
         .await
         .map_err(|e| e.to_string())
 }
@@ -261,7 +292,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let entries: Vec<_> = (1..=3)
-            .map(|i| exported(&format!("{i:016x}"), &format!("/r{i}")))
+            .map(|i| import(exported(&format!("{i:016x}"), &format!("/r{i}"))).expect("valid"))
             .collect();
         let n = offer(&path, QueueKind::Deferred, &entries)
             .await
@@ -271,9 +302,36 @@ mod tests {
             .deferred
             .drain()
             .into_iter()
-            .map(|e| e.target)
+            .map(|e| String::from_utf8_lossy(&e.target).into_owned())
             .collect();
         assert_eq!(got, ["/r1", "/r2", "/r3"]);
+        receiver.abort();
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_hand_over_takes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_path(&dir.path().join("bad.sock"));
+        let metrics = Metrics::new();
+        let queues = Arc::new(Queues::memory(8, 8, &metrics));
+        let receiver = tokio::spawn(receive(path.clone(), queues.clone()));
+        while !path.exists() {
+            tokio::task::yield_now().await;
+        }
+        let good = import(exported("00000000000000a1", "/a")).expect("valid");
+        let mut out = b"deferred\n".to_vec();
+        crate::queue::journal::frame(&mut out, &crate::queue::journal::encode_push(&good));
+        crate::queue::journal::frame(&mut out, &crate::queue::journal::encode_push(&good));
+        // Corrupt the second record's payload: its checksum no longer matches.
+        let last = out.len() - 1;
+        out[last] ^= 0xff;
+        let mut s = UnixStream::connect(&path).await.expect("connect");
+        s.write_all(&out).await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        let mut ack = String::new();
+        s.read_to_string(&mut ack).await.expect("read");
+        assert_eq!(ack, "", "no acknowledgement for a corrupt hand-over");
+        assert_eq!(queues.deferred.len(), 0, "all or nothing");
         receiver.abort();
     }
 
@@ -281,7 +339,8 @@ mod tests {
     async fn without_a_successor_the_offer_fails_and_nothing_is_taken() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = socket_path(&dir.path().join("none.sock"));
-        let e = offer(&path, QueueKind::Deferred, &[exported("1", "/")]).await;
+        let one = import(exported("1", "/")).expect("valid");
+        let e = offer(&path, QueueKind::Deferred, &[one]).await;
         assert!(e.is_err());
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod delivery;
 pub mod handover;
+pub mod journal;
 pub mod memory;
 pub mod replay;
 
@@ -36,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::forward::Client;
 use crate::metrics::Metrics;
+use journal::LogStore;
 use memory::MemoryQueue;
 
 /// Which queue: the label of its metrics and its name in `GET /queue`.
@@ -92,6 +94,11 @@ pub struct QueuedRequest {
 }
 
 impl QueuedRequest {
+    /// What the entry counts against `max_bytes`: its bytes and a fixed overhead.
+    pub fn size(&self) -> usize {
+        128 + self.target.len() + self.headers.len() + self.body.len()
+    }
+
     /// The header lines as (name, value) pairs.
     pub fn header_lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.headers
@@ -158,23 +165,47 @@ pub struct ExportedRequest {
     pub trace_started_here: bool,
 }
 
-/// The store behind a queue. Implementations must be safe to push from many threads at once;
-/// only the replay takes.
+/// Why a push was refused.
+#[derive(Debug)]
+pub enum PushError {
+    /// No room (entries or bytes): `503 Queue Full`.
+    Full(QueuedRequest),
+    /// The store could not take it (a write failed): `503 Queue Unavailable`.
+    Unavailable(QueuedRequest, String),
+}
+
+impl PushError {
+    pub fn into_request(self) -> QueuedRequest {
+        match self {
+            PushError::Full(r) | PushError::Unavailable(r, _) => r,
+        }
+    }
+}
+
+/// The in-memory side of a queue (every storage keeps its entries there for the replay).
+/// Implementations must be safe to push from many threads at once; only the replay takes.
 pub trait RequestQueue: Send + Sync {
-    /// Adds at the tail, or gives the request back when the queue is full. Never blocks.
-    // The request travels by value both ways; boxing it would add an allocation per push.
-    #[allow(clippy::result_large_err)]
-    fn try_push(&self, req: QueuedRequest) -> Result<(), QueuedRequest>;
-    /// Takes the head for delivery. It keeps its slot until [`RequestQueue::finish`].
+    /// Reserves room for an entry of `size` bytes; false when full. Never blocks.
+    fn reserve(&self, size: usize) -> bool;
+    /// Gives back a reservation that was not used.
+    fn release(&self, size: usize);
+    /// Counts an entry of `size` bytes whatever the limits (recovered entries).
+    fn admit(&self, size: usize);
+    /// Adds at the tail (room was reserved, or the entry is recovered and counted anyway).
+    fn insert(&self, req: QueuedRequest);
+    /// Takes the head for delivery. It keeps its room until [`RequestQueue::finish`].
     fn take(&self) -> Option<QueuedRequest>;
-    /// A taken entry has left for good (delivered, dead-lettered or exported).
-    fn finish(&self);
-    /// Entries occupying a slot (waiting or taken and not finished).
+    /// A taken entry of `size` bytes has left for good (delivered, dead-lettered, exported).
+    fn finish(&self, size: usize);
+    /// Entries occupying room (waiting or taken and not finished).
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes occupied.
+    fn bytes(&self) -> usize;
     fn capacity(&self) -> usize;
+    fn max_bytes(&self) -> usize;
 }
 
 /// A request given up on, kept for the operator.
@@ -200,6 +231,9 @@ pub struct QueueStatus {
     pub oldest_age_seconds: f64,
     pub dead_letter_capacity: usize,
     pub dead_letters: Vec<DeadLetter>,
+    pub storage: &'static str,
+    pub bytes: usize,
+    pub max_bytes: usize,
 }
 
 /// Metric handles of one queue, resolved once.
@@ -227,6 +261,8 @@ pub enum ReplayResult {
 pub struct Queue {
     pub kind: QueueKind,
     store: Box<dyn RequestQueue>,
+    /// The durable log behind the memory side (`storage: log`).
+    durable: Option<LogStore>,
     /// Entries taken by the replay and not finished, in queue order (replay and admin only;
     /// the push path never touches it).
     held: Mutex<VecDeque<QueuedRequest>>,
@@ -253,12 +289,79 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl Queue {
-    /// A memory queue of `capacity` entries; the dead-letter list holds as many.
-    pub fn memory(kind: QueueKind, capacity: usize, metrics: &Metrics) -> Queue {
-        Queue::with_store(kind, Box::new(MemoryQueue::new(capacity)), metrics)
+    /// A memory queue of `capacity` entries (and at most `max_bytes`); the dead-letter list
+    /// holds as many entries.
+    pub fn memory(kind: QueueKind, capacity: usize, max_bytes: usize, metrics: &Metrics) -> Queue {
+        Queue::with_store(
+            kind,
+            Box::new(MemoryQueue::new(capacity, max_bytes)),
+            None,
+            metrics,
+        )
     }
 
-    pub fn with_store(kind: QueueKind, store: Box<dyn RequestQueue>, metrics: &Metrics) -> Queue {
+    /// A queue kept in `log` (with `recovered`, what the log held, in order, at its head).
+    pub fn logged(
+        kind: QueueKind,
+        capacity: usize,
+        max_bytes: usize,
+        log: LogStore,
+        recovered: Vec<QueuedRequest>,
+        metrics: &Metrics,
+    ) -> Queue {
+        let q = Queue::with_store(
+            kind,
+            Box::new(MemoryQueue::new(capacity, max_bytes)),
+            Some(log),
+            metrics,
+        );
+        q.restore(recovered);
+        q
+    }
+
+    /// Puts entries a failed hand-over drained back, in order (they were accepted once: over
+    /// capacity if need be).
+    pub fn put_back(&self, entries: Vec<QueuedRequest>) {
+        self.restore(entries);
+    }
+
+    /// Puts recovered or adopted entries in the queue, in arrival order with what it holds
+    /// (over capacity if need be: they were accepted once and are never dropped).
+    fn restore(&self, mut entries: Vec<QueuedRequest>) {
+        if entries.is_empty() {
+            return;
+        }
+        let n = entries.len();
+        for r in &entries {
+            self.store.admit(r.size());
+        }
+        let mut all = Vec::new();
+        while let Some(r) = self.store.take() {
+            all.push(r);
+        }
+        all.append(&mut entries);
+        all.sort_by_key(|r| r.enqueued_unix_ms);
+        let over = self.len() > self.capacity() && n > 0;
+        for r in all {
+            self.store.insert(r);
+        }
+        if over {
+            log::warn!(
+                "queue={} holds {} entries, more than its capacity {}: recovered entries are kept",
+                self.kind.label(),
+                self.len(),
+                self.capacity()
+            );
+        }
+        self.wake.notify_one();
+    }
+
+    pub fn with_store(
+        kind: QueueKind,
+        store: Box<dyn RequestQueue>,
+        durable: Option<LogStore>,
+        metrics: &Metrics,
+    ) -> Queue {
         let label = kind.label();
         let m = QueueMetrics {
             enqueued: metrics.queue_enqueued.with_label_values(&[label]),
@@ -273,8 +376,9 @@ impl Queue {
         };
         Queue {
             kind,
-            dead_capacity: store.capacity().max(1),
+            dead_capacity: store.capacity().clamp(1, 100_000),
             store,
+            durable,
             held: Mutex::new(VecDeque::new()),
             dead: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -292,14 +396,72 @@ impl Queue {
         QueueId(self.id_prefix | seq)
     }
 
-    /// Accepts `req` or gives it back when the queue is full. Lock-free.
-    #[allow(clippy::result_large_err)]
-    pub fn push(&self, req: QueuedRequest) -> Result<QueueId, QueuedRequest> {
+    /// Accepts `req` or gives it back: full, or (with a durable store) not written. With a
+    /// durable store it resolves once the record is written (see `log.rs`).
+    pub async fn push(&self, req: QueuedRequest) -> Result<QueueId, PushError> {
         let id = req.id;
-        self.store.try_push(req)?;
+        let size = req.size();
+        if let Some(log) = &self.durable {
+            if !log.has_room(size) {
+                return Err(PushError::Full(req));
+            }
+        }
+        if !self.store.reserve(size) {
+            return Err(PushError::Full(req));
+        }
+        if let Some(log) = &self.durable {
+            if let Err(e) = log.append(&req).await {
+                self.store.release(size);
+                return Err(PushError::Unavailable(req, e));
+            }
+        }
+        self.store.insert(req);
         self.metrics.enqueued.inc();
         self.wake.notify_one();
         Ok(id)
+    }
+
+    /// The durable log, if the queue has one.
+    pub fn log(&self) -> Option<&LogStore> {
+        self.durable.as_ref()
+    }
+
+    /// The storage's name (`GET /queue`, logs).
+    pub fn storage(&self) -> &'static str {
+        if self.durable.is_some() {
+            "log"
+        } else {
+            "memory"
+        }
+    }
+
+    /// Takes over a predecessor's log once it has exited (upgrade); true when nothing is left
+    /// to wait for.
+    pub async fn adopt_exited(&self) -> bool {
+        let Some(log) = &self.durable else {
+            return true;
+        };
+        if !log.adopting() {
+            return true;
+        }
+        let entries = log.adopt_exited().await;
+        self.restore(entries);
+        !log.adopting()
+    }
+
+    /// Writes and syncs the durable log (shutdown, upgrade).
+    pub async fn sync(&self) {
+        if let Some(log) = &self.durable {
+            log.sync().await;
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.store.bytes()
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.store.max_bytes()
     }
 
     pub fn len(&self) -> usize {
@@ -337,14 +499,21 @@ impl Queue {
         if let Some(slot) = lock(&self.held).iter_mut().find(|r| r.id == req.id) {
             *slot = req.clone();
         }
+        if let Some(log) = &self.durable {
+            log.update(req);
+        }
     }
 
     /// A held entry left the queue (delivered or dead-lettered).
     fn finish(&self, id: QueueId) {
         let mut held = lock(&self.held);
         if let Some(pos) = held.iter().position(|r| r.id == id) {
-            held.remove(pos);
-            self.store.finish();
+            if let Some(r) = held.remove(pos) {
+                self.store.finish(r.size());
+            }
+            if let Some(log) = &self.durable {
+                log.remove(id);
+            }
         }
     }
 
@@ -433,6 +602,9 @@ impl Queue {
             oldest_age_seconds: self.oldest_age().as_secs_f64(),
             dead_letter_capacity: self.dead_capacity,
             dead_letters: self.dead_letters(),
+            storage: self.storage(),
+            bytes: self.bytes(),
+            max_bytes: self.store.max_bytes(),
         }
     }
 
@@ -443,23 +615,21 @@ impl Queue {
         self.metrics.dead_letters.set(lock(&self.dead).len() as i64);
     }
 
-    /// Empties the queue into serialisable entries, in queue order (held entries first). For a
-    /// hand-over or a durable backend; the replay must be stopped.
-    pub fn drain(&self) -> Vec<ExportedRequest> {
-        let mut out = Vec::with_capacity(self.len());
-        let held: Vec<QueuedRequest> = lock(&self.held).drain(..).collect();
-        for req in held {
-            out.push(req.export());
-            self.store.finish();
-        }
+    /// Empties the memory side, in queue order (held entries first), for a hand-over; the
+    /// replay must be stopped. A durable log is not touched.
+    pub fn drain(&self) -> Vec<QueuedRequest> {
+        let mut out: Vec<QueuedRequest> = lock(&self.held).drain(..).collect();
         while let Some(req) = self.store.take() {
-            out.push(req.export());
-            self.store.finish();
+            out.push(req);
+        }
+        for r in &out {
+            self.store.finish(r.size());
         }
         out
     }
 
-    /// Logs every entry still queued and sets `weir_deferred_remaining_at_shutdown`.
+    /// Logs every entry still queued and sets `weir_deferred_remaining_at_shutdown`. A durable
+    /// log keeps them for the next start (or the successor); a memory queue loses them.
     pub fn report_remaining(&self) -> usize {
         let remaining = self.len();
         self.metrics.remaining_at_shutdown.set(remaining as i64);
@@ -467,21 +637,43 @@ impl Queue {
             log::info!("queue={} empty at shutdown", self.kind.label());
             return 0;
         }
-        log::error!(
-            "queue={} {remaining} queued requests remain at shutdown; the memory queue does not \
-             survive the process",
-            self.kind.label()
+        let fate = match &self.durable {
+            Some(log) => format!(
+                "they stay in the queue log ({}) and are delivered after the next start",
+                log.dir().display()
+            ),
+            None => "the memory queue does not survive the process".to_string(),
+        };
+        let level = if self.durable.is_some() {
+            log::Level::Warn
+        } else {
+            log::Level::Error
+        };
+        log::log!(
+            level,
+            "queue={} {remaining} queued requests remain at shutdown; {fate}",
+            self.kind.label(),
         );
-        for req in self.drain() {
-            log::error!(
+        let held: Vec<QueuedRequest> = lock(&self.held).iter().cloned().collect();
+        let mut rest = Vec::new();
+        while let Some(r) = self.store.take() {
+            rest.push(r);
+        }
+        for req in held.iter().chain(rest.iter()) {
+            log::log!(
+                level,
                 "queue={} id={} {} {} remains undelivered at shutdown (attempts {}, last error: {})",
                 self.kind.label(),
                 req.id,
                 req.method,
-                req.target,
+                String::from_utf8_lossy(&req.target),
                 req.attempts,
                 req.last_error.as_deref().unwrap_or("none")
             );
+        }
+        // Back in place: a report changes nothing (SIGINT may be followed by more work).
+        for r in rest {
+            self.store.insert(r);
         }
         remaining
     }
@@ -494,19 +686,70 @@ pub struct Queues {
 }
 
 impl Queues {
+    /// Memory queues (tests, and `storage: memory` for both).
     pub fn memory(deferred_capacity: usize, upfront_capacity: usize, metrics: &Metrics) -> Queues {
+        let bytes = 256 << 20;
         Queues {
             deferred: std::sync::Arc::new(Queue::memory(
                 QueueKind::Deferred,
                 deferred_capacity,
+                bytes,
                 metrics,
             )),
             upfront: std::sync::Arc::new(Queue::memory(
                 QueueKind::Upfront,
                 upfront_capacity,
+                bytes,
                 metrics,
             )),
         }
+    }
+
+    /// The queues as configured: a log under `server.data_dir/<queue>` (recovering what an
+    /// earlier process left there) or memory. `upgrade`: a predecessor may still hold its log.
+    pub fn open(
+        config: &crate::config::Config,
+        metrics: &Metrics,
+        upgrade: bool,
+    ) -> Result<Queues, String> {
+        let open = |kind: QueueKind, q: &crate::config::QueueConfig| -> Result<Queue, String> {
+            match q.storage {
+                crate::config::Storage::Memory => {
+                    Ok(Queue::memory(kind, q.capacity, q.max_bytes, metrics))
+                }
+                crate::config::Storage::Log => {
+                    let dir = config.server.data_dir().join(kind.label());
+                    let (log, recovered) = LogStore::open(
+                        &dir,
+                        config.store.fsync,
+                        config.store.segment_size,
+                        q.max_bytes,
+                        upgrade,
+                    )
+                    .map_err(|e| format!("{}_queue: {e}", kind.label()))?;
+                    if !recovered.is_empty() {
+                        log::warn!(
+                            "queue={} recovered {} queued requests from {}",
+                            kind.label(),
+                            recovered.len(),
+                            dir.display()
+                        );
+                    }
+                    Ok(Queue::logged(
+                        kind,
+                        q.capacity,
+                        q.max_bytes,
+                        log,
+                        recovered,
+                        metrics,
+                    ))
+                }
+            }
+        };
+        Ok(Queues {
+            deferred: std::sync::Arc::new(open(QueueKind::Deferred, &config.deferred_queue)?),
+            upfront: std::sync::Arc::new(open(QueueKind::Upfront, &config.upfront_queue)?),
+        })
     }
 }
 
@@ -530,42 +773,62 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn a_full_queue_gives_the_request_back_and_counts_taken_entries() {
+    #[tokio::test]
+    async fn a_full_queue_gives_the_request_back_and_counts_taken_entries() {
         let m = Metrics::new();
-        let q = Queue::memory(QueueKind::Deferred, 2, &m);
-        assert!(q.push(request(&q, "POST", "/1")).is_ok());
-        assert!(q.push(request(&q, "POST", "/2")).is_ok());
-        assert!(q.push(request(&q, "POST", "/3")).is_err());
+        let q = Queue::memory(QueueKind::Deferred, 2, 1 << 20, &m);
+        assert!(q.push(request(&q, "POST", "/1")).await.is_ok());
+        assert!(q.push(request(&q, "POST", "/2")).await.is_ok());
+        assert!(q.push(request(&q, "POST", "/3")).await.is_err());
         let head = q.take().expect("head");
         // Taken but not finished: still occupies its slot.
-        assert!(q.push(request(&q, "POST", "/4")).is_err());
+        assert!(q.push(request(&q, "POST", "/4")).await.is_err());
         q.finish(head.id);
-        assert!(q.push(request(&q, "POST", "/5")).is_ok());
+        assert!(q.push(request(&q, "POST", "/5")).await.is_ok());
         assert_eq!(q.len(), 2);
     }
 
-    #[test]
-    fn drain_exports_held_entries_first_in_queue_order() {
+    #[tokio::test]
+    async fn max_bytes_refuses_what_does_not_fit_and_frees_on_finish() {
         let m = Metrics::new();
-        let q = Queue::memory(QueueKind::Deferred, 4, &m);
+        let one = request(
+            &Queue::memory(QueueKind::Deferred, 1, 1 << 20, &m),
+            "POST",
+            "/a",
+        );
+        let q = Queue::memory(QueueKind::Deferred, 100, one.size() * 2, &m);
+        assert!(q.push(request(&q, "POST", "/a")).await.is_ok());
+        assert!(q.push(request(&q, "POST", "/b")).await.is_ok());
+        assert!(matches!(
+            q.push(request(&q, "POST", "/c")).await,
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(q.bytes(), one.size() * 2);
+        let head = q.take().expect("head");
+        q.finish(head.id);
+        assert!(q.push(request(&q, "POST", "/d")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn drain_exports_held_entries_first_in_queue_order() {
+        let m = Metrics::new();
+        let q = Queue::memory(QueueKind::Deferred, 4, 1 << 20, &m);
         for t in ["/1", "/2", "/3"] {
-            assert!(q.push(request(&q, "PUT", t)).is_ok());
+            assert!(q.push(request(&q, "PUT", t)).await.is_ok());
         }
         let _head = q.take();
         let out = q.drain();
-        let targets: Vec<&str> = out.iter().map(|r| r.target.as_str()).collect();
-        assert_eq!(targets, ["/1", "/2", "/3"]);
-        assert_eq!(out[0].headers[1], ("x-a".to_string(), "1".to_string()));
+        let targets: Vec<&[u8]> = out.iter().map(|r| &r.target[..]).collect();
+        assert_eq!(targets, [b"/1", b"/2", b"/3"]);
         assert_eq!(q.len(), 0);
     }
 
-    #[test]
-    fn dead_letters_are_bounded_and_purged() {
+    #[tokio::test]
+    async fn dead_letters_are_bounded_and_purged() {
         let m = Metrics::new();
-        let q = Queue::memory(QueueKind::Upfront, 1, &m);
+        let q = Queue::memory(QueueKind::Upfront, 1, 1 << 20, &m);
         for t in ["/1", "/2"] {
-            assert!(q.push(request(&q, "POST", t)).is_ok());
+            assert!(q.push(request(&q, "POST", t)).await.is_ok());
             let r = q.take().expect("taken");
             q.dead_letter(&r, "ttl");
         }
@@ -580,7 +843,7 @@ pub(crate) mod tests {
     #[test]
     fn queue_ids_are_distinct_16_hex_digits() {
         let m = Metrics::new();
-        let q = Queue::memory(QueueKind::Deferred, 1, &m);
+        let q = Queue::memory(QueueKind::Deferred, 1, 1 << 20, &m);
         let (a, b) = (q.new_id(), q.new_id());
         assert_ne!(a, b);
         assert_eq!(a.to_string().len(), 16);

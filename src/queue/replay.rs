@@ -36,6 +36,8 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// The replay stops this long before the grace period ends, so that its report is written
 /// before Pingora shuts the runtimes down.
 const REPORT_MARGIN: Duration = Duration::from_millis(200);
+/// How often a successor looks whether its predecessor released its queue log.
+const ADOPT_POLL: Duration = Duration::from_millis(100);
 /// Live traffic may cut a backoff short at most this often.
 const RECOVERY_PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -171,6 +173,17 @@ impl<D: Deliver> Replay<D> {
         if *shutdown.borrow() {
             stop_at = Some(Instant::now() + (self.settings)().grace.saturating_sub(REPORT_MARGIN));
         }
+        // A successor whose predecessor still holds its queue log: nothing is delivered until
+        // the predecessor exits and its entries (older than ours) are adopted, for at most the
+        // hand-over window.
+        let mut adopting = !queue.adopt_exited().await;
+        let adopt_until = Instant::now() + super::handover::WINDOW;
+        if adopting {
+            log::info!(
+                "queue={label} waiting for the previous process to release its queue log \
+                 before delivering"
+            );
+        }
 
         loop {
             let s = (self.settings)();
@@ -179,6 +192,17 @@ impl<D: Deliver> Replay<D> {
                 break;
             }
             let concurrency = s.concurrency.max(1);
+            if handing_over && inflight.is_empty() && queue.log().is_some() {
+                // A durable queue stays where it is: the successor adopts the log once this
+                // process exits. Nothing more is delivered from here.
+                queue.sync().await;
+                log::warn!(
+                    "queue={label} stopped delivering for the successor: {} queued requests \
+                     stay in the queue log for it",
+                    queue.len()
+                );
+                break;
+            }
             if handing_over && inflight.is_empty() {
                 handing_over = false;
                 // Every entry `waiting` holds is in the queue's held list, which the
@@ -187,8 +211,9 @@ impl<D: Deliver> Replay<D> {
                 successor = self.hand_over().await;
                 continue;
             }
+            let holding = adopting && now < adopt_until;
             // Take eagerly: the held head is what `oldest_age` and the admin view show.
-            while !handing_over && waiting.len() + inflight.len() < concurrency {
+            while !handing_over && !holding && waiting.len() + inflight.len() < concurrency {
                 let Some(req) = queue.take() else { break };
                 order += 1;
                 waiting.push_back(Taken { order, req });
@@ -306,6 +331,9 @@ impl<D: Deliver> Replay<D> {
                         && !queue.receiving_handover.load(std::sync::atomic::Ordering::Acquire);
                 }
                 _ = sleep_until(stop_at.unwrap_or(now)), if stop_at.is_some() => break,
+                _ = tokio::time::sleep(ADOPT_POLL), if adopting => {
+                    adopting = !queue.adopt_exited().await;
+                }
             }
         }
         // Deliveries still in flight are abandoned; their entries stay held and are reported.
@@ -315,6 +343,7 @@ impl<D: Deliver> Replay<D> {
             // Requests buffered by this process during its grace period follow the others.
             self.hand_over().await;
         }
+        queue.sync().await;
         queue.report_remaining();
     }
 
@@ -337,15 +366,7 @@ impl<D: Deliver> Replay<D> {
                     "queue={label} no hand-over ({e}); keeping {} requests",
                     entries.len()
                 );
-                for exported in entries {
-                    let id = exported.id.clone();
-                    let back = super::handover::import(exported).map_err(|e| e.to_string());
-                    if let Err(e) =
-                        back.and_then(|r| queue.push(r).map_err(|_| "queue full".into()))
-                    {
-                        log::error!("queue={label} id={id} lost while putting it back: {e}");
-                    }
-                }
+                queue.put_back(entries);
                 false
             }
         }
@@ -430,7 +451,12 @@ mod tests {
 
     fn start(cluster: Arc<FakeCluster>, s: ReplaySettings, capacity: usize) -> Harness {
         let metrics = Metrics::new();
-        let queue = Arc::new(Queue::memory(QueueKind::Deferred, capacity, &metrics));
+        let queue = Arc::new(Queue::memory(
+            QueueKind::Deferred,
+            capacity,
+            1 << 30,
+            &metrics,
+        ));
         let (tx, rx) = watch::channel(false);
         let replay = Replay {
             queue: queue.clone(),
@@ -447,7 +473,7 @@ mod tests {
     }
 
     fn push(q: &Queue, method: &str, target: &str) {
-        assert!(q.push(request(q, method, target)).is_ok());
+        q.put_back(vec![request(q, method, target)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -596,7 +622,7 @@ mod tests {
             (2..=4).contains(&delivered),
             "{delivered} delivered in the grace period"
         );
-        // Reported and drained: nothing left silently.
-        assert_eq!(h.queue.len(), 0);
+        // Reported, and left in place (a durable log keeps them for the next start).
+        assert_eq!(h.queue.len(), 10 - delivered);
     }
 }

@@ -55,6 +55,7 @@ server:
   threads: 1
   pid_file: {dir}/weir.pid
   upgrade_sock: {dir}/weir_upgrade.sock
+  data_dir: {dir}/data
 ";
 
 /// Addresses and directory a config is written for.
@@ -178,6 +179,8 @@ impl GatewayBuilder {
             .arg("-c")
             .arg(&config_path)
             .current_dir(self.cwd.as_deref().unwrap_or(dir.path()))
+            // sq.properties configs have no data_dir: the default follows systemd's variable.
+            .env("STATE_DIRECTORY", dir.path().join("state"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).expect("create stdout.log"))
@@ -560,6 +563,7 @@ pub async fn run_weir(args: &[&str], dir: &Path, deadline: Duration) -> Output {
     let child = tokio::process::Command::new(WEIR)
         .args(args)
         .current_dir(dir)
+        .env("STATE_DIRECTORY", dir.join("state"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -379,13 +379,13 @@ fn proto_disagreeing_with_the_ssl_keys_is_warned_naming_both_lines() {
 
 #[test]
 fn a_concurrency_peak_over_the_queue_ceiling_caps_the_queue_with_a_warning() {
-    let loaded = ok(&format!("{ENDPOINTS}CONCURRENCY_PEAK=5000000\n"));
-    assert_eq!(loaded.config.limits.concurrency_peak, 5_000_000);
-    assert_eq!(loaded.config.deferred_queue.capacity, 1_000_000);
+    let loaded = ok(&format!("{ENDPOINTS}CONCURRENCY_PEAK=50000000\n"));
+    assert_eq!(loaded.config.limits.concurrency_peak, 50_000_000);
+    assert_eq!(loaded.config.deferred_queue.capacity, 10_000_000);
     assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
     assert_eq!(loaded.warnings[0].line, Some(2));
-    assert!(loaded.warnings[0].message.contains("at most 1000000"));
-    let exact = ok(&format!("{ENDPOINTS}CONCURRENCY_PEAK=1000000\n"));
+    assert!(loaded.warnings[0].message.contains("at most 10000000"));
+    let exact = ok(&format!("{ENDPOINTS}CONCURRENCY_PEAK=10000000\n"));
     assert!(exact.warnings.is_empty(), "{:?}", exact.warnings);
 }
 

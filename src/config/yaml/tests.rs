@@ -644,11 +644,31 @@ fn sizes_that_would_exhaust_memory_are_refused_at_their_line() {
             Some(4),
             &[
                 &format!("{q}.capacity"),
-                "100000000 is more than the maximum of 1000000 entries",
+                "100000000 is more than the maximum of 10000000 entries",
+            ],
+        );
+        err_at(
+            &format!("{MINIMAL}{q}:\n  storage: memory\n  max_bytes: 100GiB\n"),
+            Some(4),
+            &[
+                &format!("{q}.max_bytes"),
+                "100GiB is more than the maximum of 64GiB for storage memory",
             ],
         );
     }
-    let c = ok(&format!("{MINIMAL}deferred_queue: {{capacity: 1000000}}\n"));
+    err_at(
+        &format!("{MINIMAL}store:\n  fsync: 2m\n"),
+        Some(3),
+        &["store.fsync", "at most 60s"],
+    );
+    err_at(
+        &format!("{MINIMAL}deferred_queue:\n  storage: disk\n"),
+        Some(3),
+        &["deferred_queue.storage", "not one of: log, memory"],
+    );
+    let c = ok(&format!(
+        "{MINIMAL}deferred_queue: {{capacity: 10000000}}\n"
+    ));
     assert_eq!(c.deferred_queue.capacity, QueueConfig::MAX_CAPACITY);
     err_at(
         &format!("{MINIMAL}limits:\n  max_buffered_body: 10GiB\n"),
