@@ -332,6 +332,42 @@ impl Gateway {
         Ok(c.send(&Request::get("/healthz")).await?.status)
     }
 
+    /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts weir again on the same config and directory (after [`Gateway::kill9`] or an
+    /// exit); its logs are appended to the same files.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        let append = |name: &str| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(self.dir.path().join(name))
+                .expect("open a log file")
+        };
+        self.child = Command::new(WEIR)
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .env("STATE_DIRECTORY", self.dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(append("stdout.log"))
+            .stderr(append("stderr.log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {WEIR}: {e}"));
+        match self.wait_ready().await {
+            Ok(()) => {}
+            Err(StartError::PortTaken(logs) | StartError::Failed(logs)) => {
+                panic!("restart failed:\n{logs}")
+            }
+        }
+    }
+
     /// Waits (bounded, polling) for the child to exit; returns whether it did.
     pub async fn wait_exit(&mut self, deadline: Duration) -> bool {
         let end = Instant::now() + deadline;
