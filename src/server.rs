@@ -11,7 +11,7 @@ use pingora::services::listening::Service;
 
 use std::io::ErrorKind;
 use std::net::ToSocketAddrs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pingora::apps::ServerApp;
 use pingora::protocols::{Shutdown, Stream, ALPN};
@@ -56,7 +56,53 @@ pub fn check(config: &Config) -> Result<Vec<String>, String> {
             warnings.push(format!("{key} {addr}: {}{hint}", f.reason));
         }
     }
+    let logged = [&config.deferred_queue, &config.upfront_queue]
+        .iter()
+        .any(|q| q.storage == crate::config::Storage::Log);
+    if logged {
+        let dir = config.server.data_dir();
+        if let Err(reason) = probe_writable(&dir) {
+            warnings.push(format!(
+                "server.data_dir {}: {reason} (`weir run` will fail where this holds; the \
+                 queue log lives there)",
+                dir.display()
+            ));
+        }
+    }
     Ok(warnings)
+}
+
+/// Whether this user can create and write files in `dir` (or create it): checked on the
+/// nearest directory that exists, without creating anything.
+pub fn probe_writable(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(_) => match at.parent() {
+                Some(p) if !p.as_os_str().is_empty() => at = p,
+                _ => {
+                    at = Path::new(".");
+                    break;
+                }
+            },
+        }
+    }
+    let mut c = at.as_os_str().as_bytes().to_vec();
+    c.push(0);
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::access(c.as_ptr().cast(), libc::W_OK | libc::X_OK) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not writable by this user: {}",
+            at.display(),
+            std::io::Error::last_os_error()
+        ))
+    }
 }
 
 /// Every address weir listens on, with the key that configures it.

@@ -253,11 +253,23 @@ fn process_gone(pid: u32) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_requests_survive_an_upgrade_and_are_delivered_once_in_order() {
+async fn a_memory_queue_survives_an_upgrade_and_is_delivered_once_in_order() {
+    queued_requests_survive_an_upgrade("memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_log_survives_an_upgrade_and_is_delivered_once_in_order() {
+    queued_requests_survive_an_upgrade("log").await;
+}
+
+async fn queued_requests_survive_an_upgrade(storage: &str) {
     let a = Upstream::start_down("a").await;
     let gw = Gateway::builder()
         .upstream(&a)
-        .yaml("deferred_queue: {enabled: true}\nserver: {grace_period: 1s, graceful_shutdown_timeout: 1s}")
+        .yaml(&format!(
+            "deferred_queue: {{enabled: true, storage: {storage}}}\n\
+             server: {{grace_period: 1s, graceful_shutdown_timeout: 1s}}"
+        ))
         .start()
         .await;
     let mut ids = Vec::new();
@@ -314,10 +326,12 @@ async fn queued_requests_survive_an_upgrade_and_are_delivered_once_in_order() {
         ],
         "delivered exactly once, in order"
     );
-    assert!(
-        old_log.contains("handed 3 queued requests over to the successor"),
-        "old process log:\n{old_log}"
-    );
+    let handed = if storage == "memory" {
+        "handed 3 queued requests over to the successor"
+    } else {
+        "3 queued requests stay in the queue log for it"
+    };
+    assert!(old_log.contains(handed), "old process log:\n{old_log}");
     assert!(
         new_log.contains("took over 3 queued requests"),
         "successor log:\n{new_log}"
@@ -328,4 +342,49 @@ async fn queued_requests_survive_an_upgrade_and_are_delivered_once_in_order() {
         "queue id {} kept across the upgrade:\n{new_log}",
         ids[0]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_during_a_replay_delivers_every_entry_once() {
+    let a = Upstream::start_down("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(
+            "deferred_queue: {enabled: true, replay_rate: 20/s}\n\
+             server: {grace_period: 1s, graceful_shutdown_timeout: 1s}",
+        )
+        .start()
+        .await;
+    const N: usize = 60;
+    for i in 0..N {
+        let resp = gw
+            .send(&support::Request::post(&format!("/r/{i}"), "b"))
+            .await;
+        resp.assert_sq_msg(503, "Request Buffered");
+    }
+    // The replay starts draining at 20/s (3 s for all), and the upgrade comes in the middle.
+    a.up().await;
+    a.wait_for_count(5, Duration::from_secs(30)).await;
+    let successor_log = gw.dir().join("successor.log");
+    let mut successor = upgrade(&gw).await;
+    let old = gw.pid();
+    wait_until("the old process to exit", Duration::from_secs(20), || {
+        process_gone(old)
+    })
+    .await;
+    let deadline = Duration::from_secs(30);
+    let result = tokio::time::timeout(deadline, a.wait_for_count(N, deadline)).await;
+    // Anything delivered twice would arrive by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new_log = std::fs::read_to_string(&successor_log).unwrap_or_default();
+    let _ = successor.kill();
+    let _ = successor.wait();
+    assert!(
+        result.is_ok(),
+        "not all delivered\nold:\n{}\nnew:\n{new_log}",
+        gw.logs()
+    );
+    let got: Vec<String> = a.requests().iter().map(|r| r.target.clone()).collect();
+    let want: Vec<String> = (0..N).map(|i| format!("/r/{i}")).collect();
+    assert_eq!(got, want, "each once, in order");
 }

@@ -247,3 +247,49 @@ async fn a_listener_that_fails_in_pingora_ends_the_process() {
     assert!(err.contains(&extra.to_string()), "{err}");
     drop(taken);
 }
+
+#[tokio::test]
+async fn a_data_dir_that_cannot_be_written_is_warned_by_check_and_fatal_for_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config(
+        dir.path(),
+        &free_port().to_string(),
+        &free_port().to_string(),
+    );
+    // A file where the queue log's directory should be: no user can create it.
+    std::fs::write(dir.path().join("plain-file"), "x").expect("write");
+    let bad = dir.path().join("plain-file/data");
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace(
+            &format!("data_dir: {}/data", dir.path().display()),
+            &format!("data_dir: {}", bad.display()),
+        )
+        .replace(
+            "deferred_queue:\n  enabled: false",
+            "deferred_queue:\n  enabled: true",
+        );
+    assert!(text.contains("plain-file/data"), "{text}");
+    std::fs::write(&path, text).expect("write");
+    let check = run_weir(
+        &["check", "-c", path.to_str().expect("utf-8")],
+        dir.path(),
+        EXIT_DEADLINE,
+    )
+    .await;
+    let err = stderr(&check);
+    assert!(check.status.success(), "{err}");
+    assert!(
+        err.contains("server.data_dir") && err.contains("is not a directory"),
+        "{err}"
+    );
+    let run = run_weir(
+        &["run", "-c", path.to_str().expect("utf-8")],
+        dir.path(),
+        EXIT_DEADLINE,
+    )
+    .await;
+    let err = stderr(&run);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("deferred_queue: cannot create"), "{err}");
+}
