@@ -317,6 +317,7 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
     let runtime = Runtime::build(config.clone(), &metrics)?;
     let pair = crate::certs::load_configured(&config)?;
     let queues = Arc::new(crate::queue::Queues::open(&config, &metrics, opts.upgrade)?);
+    crate::queue::report_at_exit(queues.clone());
     let gateway = Arc::new(Gateway::with_queues(runtime, metrics, logs, queues));
     gateway.certs.set_files(pair);
 
@@ -471,11 +472,11 @@ impl BackgroundService for Signals {
                 }
                 // Pingora's fast stop: no grace period and no replay shutdown, so the queues
                 // report here what is left (a durable log keeps it for the next start).
+                // (The queues report what is left when the process exits: `report_at_exit`.)
                 _ = int.recv() => {
                     log::warn!("SIGINT: fast shutdown");
                     for q in [&self.gateway.queues.deferred, &self.gateway.queues.upfront] {
                         q.sync().await;
-                        q.report_remaining();
                     }
                 }
                 _ = hup.recv() => match &self.reloader {

@@ -195,3 +195,31 @@ async fn a_second_weir_on_the_same_data_dir_is_refused() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_reports_what_is_left_and_the_next_start_delivers_it() {
+    let a = Upstream::start_down("a").await;
+    let mut gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(DEFERRED_LOG)
+        .start()
+        .await;
+    let first = buffered(&gw, Request::post("/int/1", "1")).await;
+    buffered(&gw, Request::post("/int/2", "2")).await;
+    gw.signal("INT");
+    assert!(gw.wait_exit(Duration::from_secs(20)).await, "exited");
+    let logs = gw.logs();
+    assert!(
+        logs.contains("2 queued requests remain at shutdown; they stay in the queue log"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!("id={first} POST /int/1 remains undelivered")),
+        "{logs}"
+    );
+    gw.restart().await;
+    a.up().await;
+    a.wait_for_count(2, DELIVERY).await;
+    let targets: Vec<String> = a.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(targets, ["/int/1", "/int/2"]);
+}

@@ -273,6 +273,8 @@ pub struct Queue {
     recovered: AtomicBool,
     /// This process is a successor still taking a queue over: it must not offer to itself.
     pub(crate) receiving_handover: AtomicBool,
+    /// What is left was reported (the replay's shutdown, or the exit report).
+    reported: AtomicBool,
     next_seq: AtomicU64,
     id_prefix: u64,
     metrics: QueueMetrics,
@@ -384,6 +386,7 @@ impl Queue {
             wake: Notify::new(),
             recovered: AtomicBool::new(false),
             receiving_handover: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             id_prefix: (fastrand::u64(..) & 0xff_ffff) << 40,
             metrics: m,
@@ -631,6 +634,7 @@ impl Queue {
     /// Logs every entry still queued and sets `weir_deferred_remaining_at_shutdown`. A durable
     /// log keeps them for the next start (or the successor); a memory queue loses them.
     pub fn report_remaining(&self) -> usize {
+        self.reported.store(true, Ordering::Release);
         let remaining = self.len();
         self.metrics.remaining_at_shutdown.set(remaining as i64);
         if remaining == 0 {
@@ -676,6 +680,30 @@ impl Queue {
             self.store.insert(r);
         }
         remaining
+    }
+}
+
+/// The queues the exit report covers (set once, by the server).
+static AT_EXIT: std::sync::OnceLock<std::sync::Arc<Queues>> = std::sync::OnceLock::new();
+
+extern "C" fn exit_report() {
+    if let Some(q) = AT_EXIT.get() {
+        for queue in [&q.deferred, &q.upfront] {
+            if !queue.reported.load(Ordering::Acquire) {
+                queue.report_remaining();
+            }
+        }
+    }
+}
+
+/// Reports what `queues` hold when the process exits without the replay's own report
+/// (Pingora's fast stop on SIGINT ends the process with `exit`, which runs this).
+pub fn report_at_exit(queues: std::sync::Arc<Queues>) {
+    if AT_EXIT.set(queues).is_ok() {
+        // SAFETY: registers a plain function with no arguments; it only reads a static.
+        unsafe {
+            libc::atexit(exit_report);
+        }
     }
 }
 
