@@ -20,6 +20,17 @@ async fn buffered(gw: &Gateway, req: Request) -> String {
         .to_string()
 }
 
+/// A node that is down behind a gateway with a logged deferred queue.
+async fn all_down_with_a_log() -> (Upstream, Gateway) {
+    let a = Upstream::start_down("a").await;
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(DEFERRED_LOG)
+        .start()
+        .await;
+    (a, gw)
+}
+
 fn segments(gw: &Gateway) -> Vec<std::path::PathBuf> {
     let dir = gw.dir().join("data/deferred");
     let mut out: Vec<_> = std::fs::read_dir(&dir)
@@ -34,12 +45,7 @@ fn segments(gw: &Gateway) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_requests_survive_kill_9_and_are_delivered_once_in_order() {
-    let a = Upstream::start_down("a").await;
-    let mut gw = Gateway::builder()
-        .upstream(&a)
-        .yaml(DEFERRED_LOG)
-        .start()
-        .await;
+    let (a, mut gw) = all_down_with_a_log().await;
     const N: usize = 20;
     let mut ids = Vec::new();
     for i in 0..N {
@@ -101,12 +107,7 @@ async fn buffered_requests_survive_kill_9_and_are_delivered_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_cut_mid_record_is_truncated_and_the_rest_delivered() {
-    let a = Upstream::start_down("a").await;
-    let mut gw = Gateway::builder()
-        .upstream(&a)
-        .yaml(DEFERRED_LOG)
-        .start()
-        .await;
+    let (a, mut gw) = all_down_with_a_log().await;
     for i in 0..5 {
         buffered(&gw, Request::post(&format!("/cut/{i}"), "y".repeat(300))).await;
     }
@@ -170,12 +171,7 @@ async fn a_full_log_says_queue_full_and_loses_nothing_it_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_weir_on_the_same_data_dir_is_refused() {
-    let a = Upstream::start_down("a").await;
-    let gw = Gateway::builder()
-        .upstream(&a)
-        .yaml(DEFERRED_LOG)
-        .start()
-        .await;
+    let (_a, gw) = all_down_with_a_log().await;
     let text = gw
         .config_text()
         .replace(&format!("listen: {}", gw.addr()), "listen: 127.0.0.1:0");
@@ -198,12 +194,7 @@ async fn a_second_weir_on_the_same_data_dir_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_reports_what_is_left_and_the_next_start_delivers_it() {
-    let a = Upstream::start_down("a").await;
-    let mut gw = Gateway::builder()
-        .upstream(&a)
-        .yaml(DEFERRED_LOG)
-        .start()
-        .await;
+    let (a, mut gw) = all_down_with_a_log().await;
     let first = buffered(&gw, Request::post("/int/1", "1")).await;
     buffered(&gw, Request::post("/int/2", "2")).await;
     gw.signal("INT");

@@ -21,6 +21,15 @@ fn entry(id: u64, target: &str, body: &[u8], at_ms: u64) -> QueuedRequest {
     }
 }
 
+fn first_segment(dir: &Path) -> PathBuf {
+    fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("a segment")
+}
+
 fn open(dir: &Path) -> (LogStore, Vec<QueuedRequest>) {
     LogStore::open(dir, Fsync::Always, 1 << 20, 1 << 30, false).expect("open")
 }
@@ -84,12 +93,7 @@ async fn a_torn_tail_is_truncated_and_the_rest_delivered() {
         log.sync().await;
     }
     // Cut the only segment in the middle of its last record.
-    let seg = fs::read_dir(dir.path())
-        .expect("dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "log"))
-        .expect("a segment");
+    let seg = first_segment(dir.path());
     let len = fs::metadata(&seg).expect("meta").len();
     OpenOptions::new()
         .write(true)
@@ -115,12 +119,7 @@ async fn a_corrupt_byte_ends_the_segment_there() {
                 .expect("append");
         }
     }
-    let seg = fs::read_dir(dir.path())
-        .expect("dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "log"))
-        .expect("a segment");
+    let seg = first_segment(dir.path());
     let mut data = fs::read(&seg).expect("read");
     let second = record_at(&data, 0).expect("first").1;
     data[second + 20] ^= 0x55;
