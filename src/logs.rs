@@ -8,8 +8,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
@@ -22,10 +22,66 @@ enum Message {
     Reopen,
 }
 
+/// Forks this process went through (counted in the child by a `pthread_atfork` handler).
+static FORKS: AtomicU32 = AtomicU32::new(0);
+static COUNT_FORKS: Once = Once::new();
+
+extern "C" fn forked_child() {
+    FORKS.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A background thread that runs in the process that uses it. Pingora's daemon mode (`-d`)
+/// forks after weir is built, and a thread started before a fork does not exist in the child:
+/// [`Worker::ensure`] starts it on first use, and again after a fork.
+pub struct Worker {
+    name: String,
+    run: Arc<dyn Fn() + Send + Sync>,
+    /// `FORKS + 1` when the thread was started (0: not started).
+    started: AtomicU32,
+    starting: Mutex<()>,
+}
+
+impl Worker {
+    /// A worker that runs `run` on its thread (not started yet).
+    pub fn new(name: String, run: impl Fn() + Send + Sync + 'static) -> Worker {
+        COUNT_FORKS.call_once(|| {
+            // SAFETY: registers a plain function that only increments an atomic.
+            unsafe {
+                libc::pthread_atfork(None, None, Some(forked_child));
+            }
+        });
+        Worker {
+            name,
+            run: Arc::new(run),
+            started: AtomicU32::new(0),
+            starting: Mutex::new(()),
+        }
+    }
+
+    /// Starts the thread unless it runs in this process already. Cheap when it does.
+    pub fn ensure(&self) -> io::Result<()> {
+        let now = FORKS.load(Ordering::Acquire).wrapping_add(1);
+        if self.started.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        let _g = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if self.started.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        let run = self.run.clone();
+        std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || run())?;
+        self.started.store(now, Ordering::Release);
+        Ok(())
+    }
+}
+
 /// One log destination served by a writer thread.
 pub struct LogSink {
     tx: Sender<Message>,
     dropped: Arc<AtomicU64>,
+    worker: Worker,
 }
 
 enum Target {
@@ -35,6 +91,14 @@ enum Target {
 }
 
 impl Target {
+    fn describe(&self) -> String {
+        match self {
+            Target::Stdout => "stdout".into(),
+            Target::Stderr => "stderr".into(),
+            Target::File(p) => p.display().to_string(),
+        }
+    }
+
     fn open(&self) -> io::Result<Box<dyn Write + Send>> {
         Ok(match self {
             Target::Stdout => Box::new(io::stdout()),
@@ -53,18 +117,28 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 impl LogSink {
     fn start(name: &str, target: Target) -> io::Result<LogSink> {
-        let out = target.open()?;
+        // Opened now so that a file that cannot be opened stops the start; the thread reopens
+        // it (appending) in the process that writes.
+        drop(target.open()?);
         let (tx, rx) = bounded(CHANNEL_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
         let d = dropped.clone();
-        std::thread::Builder::new()
-            .name(format!("weir-{name}-log"))
-            .spawn(move || write_loop(rx, target, out, d))?;
-        Ok(LogSink { tx, dropped })
+        let worker = Worker::new(format!("weir-{name}-log"), move || match target.open() {
+            Ok(out) => write_loop(rx.clone(), &target, out, d.clone()),
+            Err(e) => log::error!("cannot open the {} log: {e}", target.describe()),
+        });
+        Ok(LogSink {
+            tx,
+            dropped,
+            worker,
+        })
     }
 
     /// Queues one line (without its newline).
     pub fn write(&self, line: String) {
+        if let Err(e) = self.worker.ensure() {
+            log::error!("cannot start a log writer: {e}");
+        }
         match self.tx.try_send(Message::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -75,13 +149,14 @@ impl LogSink {
 
     /// Reopens the file (log rotation, SIGUSR1).
     pub fn reopen(&self) {
+        let _ = self.worker.ensure();
         let _ = self.tx.send(Message::Reopen);
     }
 }
 
 fn write_loop(
     rx: Receiver<Message>,
-    target: Target,
+    target: &Target,
     out: Box<dyn Write + Send>,
     dropped: Arc<AtomicU64>,
 ) {

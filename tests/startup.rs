@@ -293,3 +293,113 @@ async fn a_data_dir_that_cannot_be_written_is_warned_by_check_and_fatal_for_run(
     assert!(!run.status.success(), "{err}");
     assert!(err.contains("deferred_queue: cannot create"), "{err}");
 }
+
+/// A daemon (`weir run -d`) stopped by SIGTERM when dropped, if it still runs.
+struct Daemon(Option<i32>);
+
+impl Daemon {
+    fn alive(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        self.0.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.filter(|_| self.alive()) {
+            // SAFETY: the pid is the daemon this test started (read from its pid file).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Waits (bounded, polling) until `f` holds.
+async fn eventually(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_writes_its_queue_log_and_access_log_after_the_fork() {
+    // Pingora's `-d` forks after weir is built: the queue log's and the logs' writer threads
+    // must run in the daemon, or a buffered request is never answered and no line is written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (listen, admin) = (free_port(), free_port());
+    let path = config(dir.path(), &listen.to_string(), &admin.to_string());
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace(
+            "deferred_queue:\n  enabled: false",
+            "deferred_queue:\n  enabled: true",
+        )
+        .replace(
+            "access: stdout",
+            &format!("access: {}/access.log", dir.path().display()),
+        );
+    std::fs::write(&path, text).expect("write");
+    // The daemon keeps the inherited stdout and stderr: files, not pipes to wait on.
+    let parent_err = dir.path().join("parent-stderr.log");
+    let status = Command::new(support::WEIR)
+        .args(["run", "-d", "-c", path.to_str().expect("utf-8")])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&parent_err).expect("create"))
+        .status()
+        .expect("spawn weir");
+    let parent_text = std::fs::read_to_string(&parent_err).unwrap_or_default();
+    assert!(status.success(), "{parent_text}");
+    let pid_file = dir.path().join("weir.pid");
+    eventually("the pid file", support::gateway::READY_DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<i32>().is_ok())
+    })
+    .await;
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let daemon = Daemon(Some(pid));
+    let end = Instant::now() + support::gateway::READY_DEADLINE;
+    loop {
+        let ok = support::client::send(admin, &support::Request::get("/healthz"))
+            .await
+            .is_ok_and(|r| r.status == 200)
+            && tokio::net::TcpStream::connect(listen).await.is_ok();
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < end, "the daemon never answered /healthz");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = support::client::send(listen, &support::Request::post("/daemon", "kept"))
+        .await
+        .expect("the daemon answers a request every node fails for");
+    resp.assert_sq_msg(503, "Request Buffered");
+    let access = dir.path().join("access.log");
+    eventually("the access line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access)
+            .is_ok_and(|t| t.contains("\"/daemon\"") && t.contains("buffered"))
+    })
+    .await;
+    // SAFETY: the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    eventually("the daemon to exit", Duration::from_secs(30), || {
+        !daemon.alive()
+    })
+    .await;
+    // The daemon keeps the stderr it was started with.
+    let errors = std::fs::read_to_string(&parent_err).expect("stderr");
+    assert!(
+        errors.contains("queue=deferred 1 queued requests remain at shutdown; they stay"),
+        "{errors}"
+    );
+    // Only the daemon reports: not the parent that exited when it forked.
+    assert!(
+        !errors.contains("queue=deferred empty at shutdown"),
+        "{errors}"
+    );
+}

@@ -63,6 +63,8 @@ pub struct LogStore {
     dir: PathBuf,
     gen: String,
     ops: Sender<Op>,
+    /// The writer thread, started on first use (after a daemon's fork).
+    worker: crate::logs::Worker,
     /// Bytes in this generation's segments on disk.
     disk: Arc<AtomicU64>,
     max_bytes: u64,
@@ -133,10 +135,17 @@ impl LogStore {
             remove_generation(dir, &g);
             drop(lock);
         }
-        std::thread::Builder::new()
-            .name(format!("weir queue log {}", dir.display()))
-            .spawn(move || writer.run(rx))
-            .map_err(|e| format!("cannot start the queue log writer: {e}"))?;
+        // The writer moves into its thread on first use: in the process that serves (a
+        // daemon forks after this). It cannot follow a second fork; nothing writes before one.
+        let parked = Mutex::new(Some((writer, rx)));
+        let shown = dir.display().to_string();
+        let worker = crate::logs::Worker::new(format!("weir queue log {shown}"), move || {
+            let taken = parked.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match taken {
+                Some((writer, rx)) => writer.run(rx),
+                None => log::error!("queue log {shown}: the writer cannot restart after a fork"),
+            }
+        });
         for w in &recovered.warnings {
             log::warn!("queue log {}: {w}", dir.display());
         }
@@ -145,6 +154,7 @@ impl LogStore {
                 dir: dir.to_path_buf(),
                 gen,
                 ops: tx,
+                worker,
                 disk,
                 max_bytes: max_bytes as u64,
                 waiting: Mutex::new(live),
@@ -156,6 +166,13 @@ impl LogStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Starts the writer thread in this process if it does not run yet.
+    fn start(&self) -> Result<(), String> {
+        self.worker
+            .ensure()
+            .map_err(|e| format!("cannot start the queue log writer: {e}"))
     }
 
     /// Bytes on disk in this generation.
@@ -171,6 +188,7 @@ impl LogStore {
     /// Writes `req`'s record; resolves once it is written (and synced, with `fsync: always`).
     pub async fn append(&self, req: &QueuedRequest) -> Result<(), String> {
         let (done, wait) = oneshot::channel();
+        self.start()?;
         self.ops
             .send(Op::Push {
                 id: req.id.0,
@@ -184,6 +202,7 @@ impl LogStore {
 
     /// The entry left the queue for good.
     pub fn remove(&self, id: QueueId) {
+        let _ = self.start();
         let _ = self.ops.send(Op::Remove(id.0));
     }
 
@@ -193,12 +212,14 @@ impl LogStore {
         p.extend_from_slice(&req.id.0.to_le_bytes());
         p.extend_from_slice(&req.attempts.to_le_bytes());
         put(&mut p, req.last_error.as_deref().unwrap_or("").as_bytes());
+        let _ = self.start();
         let _ = self.ops.send(Op::Update(p));
     }
 
     /// Writes and syncs everything sent so far.
     pub async fn sync(&self) {
         let (tx, rx) = oneshot::channel();
+        let _ = self.start();
         if self.ops.send(Op::Sync(tx)).is_ok() {
             let _ = rx.await;
         }
@@ -238,6 +259,7 @@ impl LogStore {
         let records = recovered.entries.iter().map(encode_push).collect();
         let ids = recovered.entries.iter().map(|r| r.id.0).collect();
         let (tx, rx) = oneshot::channel();
+        let _ = self.start();
         let written = match self.ops.send(Op::Adopt(records, ids, tx)) {
             Ok(()) => rx.await.unwrap_or_else(|_| Err("writer stopped".into())),
             Err(_) => Err("writer stopped".into()),

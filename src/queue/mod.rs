@@ -686,7 +686,18 @@ impl Queue {
 /// The queues the exit report covers (set once, by the server).
 static AT_EXIT: std::sync::OnceLock<std::sync::Arc<Queues>> = std::sync::OnceLock::new();
 
+/// The process whose replay runs: only it reports at exit (a daemon's parent exits too).
+static SERVING_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// This process serves the queues (its replay started).
+pub(crate) fn mark_serving() {
+    SERVING_PID.store(std::process::id(), Ordering::Release);
+}
+
 extern "C" fn exit_report() {
+    if SERVING_PID.load(Ordering::Acquire) != std::process::id() {
+        return;
+    }
     if let Some(q) = AT_EXIT.get() {
         for queue in [&q.deferred, &q.upfront] {
             if !queue.reported.load(Ordering::Acquire) {

@@ -153,6 +153,7 @@ struct Taken {
 impl<D: Deliver> Replay<D> {
     /// Runs until the shutdown signal plus the grace period; then reports what is left.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>, rng: fastrand::Rng) {
+        super::mark_serving();
         let queue = &self.queue;
         let label = queue.kind.label();
         let mut waiting: VecDeque<Taken> = VecDeque::new();
