@@ -142,6 +142,7 @@ pub struct Metrics {
     pub queue_replayed: IntCounterVec,
     pub queue_dead_letters: IntGaugeVec,
     pub queue_remaining_at_shutdown: IntGaugeVec,
+    pub queue_store_up: IntGaugeVec,
     pub reloads: IntCounterVec,
     /// ACME certificate orders (first issue and renewals) by result: ok | failed.
     pub acme_orders: IntCounterVec,
@@ -357,7 +358,20 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let queue_store_up = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_queue_store_up",
+                    "1 while the queue's storage takes pushes (storage: redis: Redis answered \
+                     the last command), else 0",
+                ),
+                &["queue"],
+            )
+            .expect("valid metric"),
+        );
         for q in QUEUES {
+            queue_store_up.with_label_values(&[q]).set(1);
             queue_remaining_at_shutdown.with_label_values(&[q]);
             queue_depth.with_label_values(&[q]);
             queue_capacity.with_label_values(&[q]);
@@ -504,6 +518,7 @@ impl Metrics {
             queue_replayed,
             queue_dead_letters,
             queue_remaining_at_shutdown,
+            queue_store_up,
             reloads,
             acme_orders,
             acme_certificate_expiry,

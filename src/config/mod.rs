@@ -516,6 +516,8 @@ pub enum Storage {
     Log,
     /// The process's memory: lost with it (handed over on an upgrade).
     Memory,
+    /// A Redis stream shared by every weir that names the same `store.redis` (a fleet).
+    Redis,
 }
 
 impl Storage {
@@ -523,6 +525,7 @@ impl Storage {
         match self {
             Storage::Log => "log",
             Storage::Memory => "memory",
+            Storage::Redis => "redis",
         }
     }
 }
@@ -549,6 +552,8 @@ pub struct Store {
     /// A log segment is closed (and deleted once every entry in it left) at this size.
     #[serde(with = "units::size")]
     pub segment_size: usize,
+    /// The Redis server of `storage: redis` queues.
+    pub redis: RedisSettings,
 }
 
 impl Default for Store {
@@ -556,6 +561,36 @@ impl Default for Store {
         Store {
             fsync: Fsync::Interval(Duration::from_millis(5)),
             segment_size: 64 << 20,
+            redis: RedisSettings::default(),
+        }
+    }
+}
+
+/// Where and how `storage: redis` queues live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a map of Redis settings")]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`; empty: not configured.
+    pub url: String,
+    /// Prefix of the keys: the stream of a queue is `<key>:<queue>`. Instances that share a
+    /// key share the queue.
+    pub key: String,
+    /// How long the delivery lease lasts without a renewal: after an instance dies, another
+    /// one takes its deliveries over after at most this long.
+    #[serde(with = "units::duration")]
+    pub lease: Duration,
+    /// Longest wait for Redis on a push (then `503 Queue Unavailable`) or any other command.
+    #[serde(with = "units::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: String::new(),
+            key: "weir".into(),
+            lease: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
         }
     }
 }

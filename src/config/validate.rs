@@ -7,6 +7,7 @@
 //! sq.properties key that set it).
 
 use std::fmt;
+use std::time::Duration;
 
 use super::units::format_size;
 use super::values::{check_header, host_port, is_host_name};
@@ -127,7 +128,17 @@ impl Config {
                     QueueConfig::MAX_BYTES,
                     "the log queue also keeps every entry in memory",
                 ),
+                Storage::Redis => (
+                    QueueConfig::MAX_MEMORY_BYTES,
+                    "Redis holds every byte in memory",
+                ),
             };
+            if q.storage == Storage::Redis && self.store.redis.url.is_empty() {
+                return Err(Finding::new(
+                    at!(name, "storage"),
+                    "storage: redis needs store.redis.url (redis://host:port[/db])".to_string(),
+                ));
+            }
             if q.max_bytes > max {
                 return Err(Finding::new(
                     at!(name, "max_bytes"),
@@ -139,6 +150,27 @@ impl Config {
                     ),
                 ));
             }
+        }
+        let r = &self.store.redis;
+        let url_ok =
+            r.url.is_empty() || r.url.starts_with("redis://") || r.url.starts_with("unix://");
+        if !url_ok {
+            return Err(Finding::new(
+                at!("store", "redis", "url"),
+                format!("{:?} is not a redis:// or unix:// URL", r.url),
+            ));
+        }
+        if r.lease < Duration::from_secs(1) || r.lease > Duration::from_secs(600) {
+            return Err(Finding::new(
+                at!("store", "redis", "lease"),
+                "must be within 1s..10m".to_string(),
+            ));
+        }
+        if r.timeout.is_zero() || r.timeout * 2 > r.lease {
+            return Err(Finding::new(
+                at!("store", "redis", "timeout"),
+                "must be above 0 and at most half of store.redis.lease".to_string(),
+            ));
         }
         if self.store.segment_size < (1 << 20) || self.store.segment_size > (1 << 30) {
             return Err(Finding::new(

@@ -241,8 +241,15 @@ impl<'de> Deserialize<'de> for UpstreamHost {
 
 impl<'de> Deserialize<'de> for Storage {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Scalar::new("log or memory", |s| {
-            keyword(s, &[("log", Storage::Log), ("memory", Storage::Memory)])
+        Scalar::new("log, memory or redis", |s| {
+            keyword(
+                s,
+                &[
+                    ("log", Storage::Log),
+                    ("memory", Storage::Memory),
+                    ("redis", Storage::Redis),
+                ],
+            )
         })
         .read(d)
     }

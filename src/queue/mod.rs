@@ -22,6 +22,7 @@ pub mod delivery;
 pub mod handover;
 pub mod journal;
 pub mod memory;
+pub mod redis;
 pub mod replay;
 
 use std::collections::VecDeque;
@@ -245,6 +246,7 @@ struct QueueMetrics {
     oldest_age: Gauge,
     dead_letters: IntGauge,
     remaining_at_shutdown: IntGauge,
+    store_up: IntGauge,
 }
 
 /// Replay outcomes, indexing `weir_deferred_replayed_total{result}`.
@@ -263,6 +265,8 @@ pub struct Queue {
     store: Box<dyn RequestQueue>,
     /// The durable log behind the memory side (`storage: log`).
     durable: Option<LogStore>,
+    /// The fleet's stream (`storage: redis`); the memory side holds what this instance read.
+    redis: Option<std::sync::Arc<redis::RedisStore>>,
     /// Entries taken by the replay and not finished, in queue order (replay and admin only;
     /// the push path never touches it).
     held: Mutex<VecDeque<QueuedRequest>>,
@@ -321,6 +325,86 @@ impl Queue {
         q
     }
 
+    /// A queue kept in a Redis stream shared by a fleet.
+    pub fn shared(
+        kind: QueueKind,
+        capacity: usize,
+        max_bytes: usize,
+        redis: std::sync::Arc<redis::RedisStore>,
+        metrics: &Metrics,
+    ) -> std::sync::Arc<Queue> {
+        let mut q = Queue::with_store(
+            kind,
+            Box::new(MemoryQueue::new(capacity, max_bytes)),
+            None,
+            metrics,
+        );
+        q.redis = Some(redis.clone());
+        let q = std::sync::Arc::new(q);
+        redis.attach(std::sync::Arc::downgrade(&q));
+        q
+    }
+
+    /// The Redis stream, if the queue is one.
+    pub fn redis(&self) -> Option<&redis::RedisStore> {
+        self.redis.as_deref()
+    }
+
+    /// Kept outside this process (a log or Redis): nothing to hand over on an upgrade.
+    pub fn is_durable(&self) -> bool {
+        self.durable.is_some() || self.redis.is_some()
+    }
+
+    /// Whether the replay may dispatch now (a shared queue: only with the delivery lease).
+    pub fn may_deliver(&self) -> bool {
+        self.redis.as_ref().is_none_or(|r| r.may_deliver())
+    }
+
+    /// How often the delivery lease was lost (the replay drops what it had read when it grows).
+    pub fn revocations(&self) -> u64 {
+        self.redis.as_ref().map_or(0, |r| r.revocations())
+    }
+
+    /// An entry read from the shared stream joins the local queue.
+    pub(crate) fn feed(&self, req: QueuedRequest) {
+        self.store.admit(req.size());
+        self.store.insert(req);
+        self.wake.notify_one();
+    }
+
+    /// Entries waiting here for the replay (a shared queue: what this instance read).
+    pub(crate) fn local_len(&self) -> usize {
+        self.store.len()
+    }
+
+    /// Drops what was read from the shared stream and not taken (the lease was lost).
+    pub(crate) fn drop_unread_local(&self, redis: &redis::RedisStore) {
+        while let Some(r) = self.store.take() {
+            self.store.finish(r.size());
+            redis.forget(r.id);
+        }
+    }
+
+    /// Drops a taken entry here without it leaving the shared stream (the lease was lost).
+    fn forget(&self, id: QueueId) {
+        let mut held = lock(&self.held);
+        if let Some(pos) = held.iter().position(|r| r.id == id) {
+            if let Some(r) = held.remove(pos) {
+                self.store.finish(r.size());
+            }
+        }
+        if let Some(r) = &self.redis {
+            r.forget(id);
+        }
+    }
+
+    /// Gives the shared stream's lease up (shutdown).
+    pub async fn close(&self) {
+        if let Some(r) = &self.redis {
+            r.stop().await;
+        }
+    }
+
     /// Puts entries a failed hand-over drained back, in order (they were accepted once: over
     /// capacity if need be).
     pub fn put_back(&self, entries: Vec<QueuedRequest>) {
@@ -375,12 +459,14 @@ impl Queue {
             remaining_at_shutdown: metrics
                 .queue_remaining_at_shutdown
                 .with_label_values(&[label]),
+            store_up: metrics.queue_store_up.with_label_values(&[label]),
         };
         Queue {
             kind,
             dead_capacity: store.capacity().clamp(1, 100_000),
             store,
             durable,
+            redis: None,
             held: Mutex::new(VecDeque::new()),
             dead: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -404,6 +490,16 @@ impl Queue {
     pub async fn push(&self, req: QueuedRequest) -> Result<QueueId, PushError> {
         let id = req.id;
         let size = req.size();
+        if let Some(r) = &self.redis {
+            return match r.push(&req).await {
+                Ok(()) => {
+                    self.metrics.enqueued.inc();
+                    Ok(id)
+                }
+                Err(redis::RedisPushError::Full) => Err(PushError::Full(req)),
+                Err(redis::RedisPushError::Unavailable(e)) => Err(PushError::Unavailable(req, e)),
+            };
+        }
         if let Some(log) = &self.durable {
             if !log.has_room(size) {
                 return Err(PushError::Full(req));
@@ -431,7 +527,9 @@ impl Queue {
 
     /// The storage's name (`GET /queue`, logs).
     pub fn storage(&self) -> &'static str {
-        if self.durable.is_some() {
+        if self.redis.is_some() {
+            "redis"
+        } else if self.durable.is_some() {
             "log"
         } else {
             "memory"
@@ -460,17 +558,25 @@ impl Queue {
     }
 
     pub fn bytes(&self) -> usize {
-        self.store.bytes()
+        match &self.redis {
+            Some(r) => r.bytes(),
+            None => self.store.bytes(),
+        }
     }
 
     pub fn max_bytes(&self) -> usize {
         self.store.max_bytes()
     }
 
+    /// Entries in the queue (a shared queue: fleet-wide, as last seen).
     pub fn len(&self) -> usize {
-        self.store.len()
+        match &self.redis {
+            Some(r) => r.depth().max(self.store.len()),
+            None => self.store.len(),
+        }
     }
 
+    /// Nothing here for this process's replay.
     pub fn is_empty(&self) -> bool {
         self.store.is_empty()
     }
@@ -505,6 +611,9 @@ impl Queue {
         if let Some(log) = &self.durable {
             log.update(req);
         }
+        if let Some(r) = &self.redis {
+            r.update(req);
+        }
     }
 
     /// A held entry left the queue (delivered or dead-lettered).
@@ -513,6 +622,9 @@ impl Queue {
         if let Some(pos) = held.iter().position(|r| r.id == id) {
             if let Some(r) = held.remove(pos) {
                 self.store.finish(r.size());
+                if let Some(redis) = &self.redis {
+                    redis.remove(id, r.size());
+                }
             }
             if let Some(log) = &self.durable {
                 log.remove(id);
@@ -616,6 +728,11 @@ impl Queue {
         self.metrics.depth.set(self.len() as i64);
         self.metrics.oldest_age.set(self.oldest_age().as_secs_f64());
         self.metrics.dead_letters.set(lock(&self.dead).len() as i64);
+        let up = self
+            .redis
+            .as_ref()
+            .is_none_or(|r| r.is_up() || !r.contacted());
+        self.metrics.store_up.set(up as i64);
     }
 
     /// Empties the memory side, in queue order (held entries first), for a hand-over; the
@@ -642,13 +759,17 @@ impl Queue {
             return 0;
         }
         let fate = match &self.durable {
+            _ if self.redis.is_some() => format!(
+                "they stay in the Redis stream {} for the fleet",
+                self.redis.as_ref().map_or("", |r| r.stream())
+            ),
             Some(log) => format!(
                 "they stay in the queue log ({}) and are delivered after the next start",
                 log.dir().display()
             ),
             None => "the memory queue does not survive the process".to_string(),
         };
-        let level = if self.durable.is_some() {
+        let level = if self.is_durable() {
             log::Level::Warn
         } else {
             log::Level::Error
@@ -751,43 +872,58 @@ impl Queues {
         metrics: &Metrics,
         upgrade: bool,
     ) -> Result<Queues, String> {
-        let open = |kind: QueueKind, q: &crate::config::QueueConfig| -> Result<Queue, String> {
-            match q.storage {
-                crate::config::Storage::Memory => {
-                    Ok(Queue::memory(kind, q.capacity, q.max_bytes, metrics))
-                }
-                crate::config::Storage::Log => {
-                    let dir = config.server.data_dir().join(kind.label());
-                    let (log, recovered) = LogStore::open(
-                        &dir,
-                        config.store.fsync,
-                        config.store.segment_size,
-                        q.max_bytes,
-                        upgrade,
-                    )
-                    .map_err(|e| format!("{}_queue: {e}", kind.label()))?;
-                    if !recovered.is_empty() {
-                        log::warn!(
-                            "queue={} recovered {} queued requests from {}",
-                            kind.label(),
-                            recovered.len(),
-                            dir.display()
-                        );
-                    }
-                    Ok(Queue::logged(
+        use std::sync::Arc;
+        let open =
+            |kind: QueueKind, q: &crate::config::QueueConfig| -> Result<Arc<Queue>, String> {
+                match q.storage {
+                    crate::config::Storage::Memory => Ok(Arc::new(Queue::memory(
                         kind,
                         q.capacity,
                         q.max_bytes,
-                        log,
-                        recovered,
                         metrics,
-                    ))
+                    ))),
+                    crate::config::Storage::Redis => {
+                        let store = redis::RedisStore::open(
+                            &config.store.redis,
+                            kind.label(),
+                            q.capacity,
+                            q.max_bytes,
+                        )
+                        .map_err(|e| format!("{}_queue: {e}", kind.label()))?;
+                        Ok(Queue::shared(kind, q.capacity, q.max_bytes, store, metrics))
+                    }
+                    crate::config::Storage::Log => {
+                        let dir = config.server.data_dir().join(kind.label());
+                        let (log, recovered) = LogStore::open(
+                            &dir,
+                            config.store.fsync,
+                            config.store.segment_size,
+                            q.max_bytes,
+                            upgrade,
+                        )
+                        .map_err(|e| format!("{}_queue: {e}", kind.label()))?;
+                        if !recovered.is_empty() {
+                            log::warn!(
+                                "queue={} recovered {} queued requests from {}",
+                                kind.label(),
+                                recovered.len(),
+                                dir.display()
+                            );
+                        }
+                        Ok(Arc::new(Queue::logged(
+                            kind,
+                            q.capacity,
+                            q.max_bytes,
+                            log,
+                            recovered,
+                            metrics,
+                        )))
+                    }
                 }
-            }
-        };
+            };
         Ok(Queues {
-            deferred: std::sync::Arc::new(open(QueueKind::Deferred, &config.deferred_queue)?),
-            upfront: std::sync::Arc::new(open(QueueKind::Upfront, &config.upfront_queue)?),
+            deferred: open(QueueKind::Deferred, &config.deferred_queue)?,
+            upfront: open(QueueKind::Upfront, &config.upfront_queue)?,
         })
     }
 }

@@ -154,6 +154,9 @@ impl<D: Deliver> Replay<D> {
     /// Runs until the shutdown signal plus the grace period; then reports what is left.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>, rng: fastrand::Rng) {
         super::mark_serving();
+        if let Some(r) = self.queue.redis() {
+            r.start();
+        }
         let queue = &self.queue;
         let label = queue.kind.label();
         let mut waiting: VecDeque<Taken> = VecDeque::new();
@@ -167,6 +170,7 @@ impl<D: Deliver> Replay<D> {
         let mut pacer = Pacer::new();
         let mut order = 0u64;
         let mut stop_at: Option<Instant> = None;
+        let mut revocations = queue.revocations();
         // Shutting down with a successor waiting: no new deliveries until the queue is handed
         // over (after the ones in flight finish, so nothing is both delivered and handed over).
         let mut handing_over = false;
@@ -193,7 +197,7 @@ impl<D: Deliver> Replay<D> {
                 break;
             }
             let concurrency = s.concurrency.max(1);
-            if handing_over && inflight.is_empty() && queue.log().is_some() {
+            if handing_over && inflight.is_empty() && queue.is_durable() {
                 // A durable queue stays where it is: the successor adopts the log once this
                 // process exits. Nothing more is delivered from here.
                 queue.sync().await;
@@ -212,7 +216,16 @@ impl<D: Deliver> Replay<D> {
                 successor = self.hand_over().await;
                 continue;
             }
-            let holding = adopting && now < adopt_until;
+            // A shared queue whose lease was lost: what was read here stays in the stream for
+            // the next holder.
+            let lost = queue.revocations();
+            if lost != revocations {
+                revocations = lost;
+                for t in waiting.drain(..) {
+                    queue.forget(t.req.id);
+                }
+            }
+            let holding = (adopting && now < adopt_until) || !queue.may_deliver();
             // Take eagerly: the held head is what `oldest_age` and the admin view show.
             while !handing_over && !holding && waiting.len() + inflight.len() < concurrency {
                 let Some(req) = queue.take() else { break };
@@ -232,7 +245,7 @@ impl<D: Deliver> Replay<D> {
             });
             let mut wake_at: Option<Instant> = waiting.iter().map(|t| t.req.enqueued + s.ttl).min();
             match gate {
-                _ if handing_over => {}
+                _ if handing_over || !queue.may_deliver() => {}
                 Some(at) if now < at => wake_at = earliest(wake_at, at),
                 _ => {
                     gate = None;
@@ -345,6 +358,7 @@ impl<D: Deliver> Replay<D> {
             self.hand_over().await;
         }
         queue.sync().await;
+        queue.close().await;
         queue.report_remaining();
     }
 

@@ -237,3 +237,88 @@ async fn chromium(url: &str, budget: Duration, extra: &[&str]) -> Vec<u8> {
     );
     out.stdout
 }
+
+pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+/// A real `redis-server` on a free loopback port, in memory only; killed when dropped.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Redis {
+    /// Starts one on a free port and waits until it answers.
+    pub async fn start() -> Redis {
+        Redis::start_on(super::ports::free_port().port()).await
+    }
+
+    /// Starts one on `port` (e.g. again after [`Redis::stop`]).
+    pub async fn start_on(port: u16) -> Redis {
+        let bin = require(REDIS_SERVER, "redis-server");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn redis-server");
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                let _ = s.write_all(b"PING\r\n").await;
+                let mut buf = [0u8; 16];
+                use tokio::io::AsyncReadExt;
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await
+                {
+                    if buf[..n].starts_with(b"+PONG") {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "redis-server on {port} did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Redis {
+            child: Some(child),
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Runs one command (RESP, inline form) and returns the raw reply.
+    pub async fn command(&self, line: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect to redis");
+        s.write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("redis answers")
+            .expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}

@@ -1,0 +1,156 @@
+//! `storage: redis`: one deferred queue shared by several real weir processes through a real
+//! `redis-server` (Debian package `redis-server`; `scripts/deps test` installs it) on a free
+//! loopback port.
+
+mod support;
+
+use std::time::Duration;
+
+use support::tools::Redis;
+use support::{Gateway, Request, Upstream};
+
+/// Bound on a delivery once a node is back (lease expiry, replay backoff up to 5 s).
+const DELIVERY: Duration = Duration::from_secs(40);
+
+fn shared_queue(redis: &Redis) -> String {
+    format!(
+        "deferred_queue: {{enabled: true, storage: redis}}\n\
+         store: {{redis: {{url: \"{}\", key: fleet, lease: 2s, timeout: 500ms}}}}",
+        redis.url()
+    )
+}
+
+async fn buffered(gw: &Gateway, req: Request) -> String {
+    let resp = gw.send(&req).await;
+    resp.assert_sq_msg(503, "Request Buffered");
+    resp.header("x-weir-queue-id")
+        .unwrap_or_else(|| panic!("no X-Weir-Queue-Id: {:?}", resp.headers))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_queue_is_delivered_once_in_order_by_another() {
+    let redis = Redis::start().await;
+    let node = Upstream::start_down("a").await;
+    let mut a = Gateway::builder()
+        .upstream(&node)
+        .yaml(&shared_queue(&redis))
+        .start()
+        .await;
+    // A takes the delivery lease first; B waits for it.
+    a.wait_for_stderr("holds the delivery lease").await;
+    let b = Gateway::builder()
+        .upstream(&node)
+        .yaml(&shared_queue(&redis))
+        .start()
+        .await;
+    const N: usize = 12;
+    for i in 0..N {
+        // Both instances take pushes into the one queue, alternately.
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let body = format!("body-{i}-{}", "y".repeat(i * 50));
+        let req = Request::post(&format!("/jobs/{i}"), body)
+            .header("X-Seq", &i.to_string())
+            .header("Idempotency-Key", &format!("k{i}"));
+        buffered(gw, req).await;
+    }
+    assert_eq!(redis.command("XLEN fleet:deferred").await.trim(), ":12");
+    // A has read the entries and is failing to deliver them; it dies with them read.
+    a.wait_for_stderr("delivery attempt 1 failed").await;
+    a.kill9();
+    node.up().await;
+    node.wait_for_count(N, DELIVERY).await;
+    b.wait_for_metric(
+        "weir_deferred_replayed_total",
+        &[("queue", "deferred"), ("result", "delivered")],
+        |v| v >= N as f64,
+        DELIVERY,
+    )
+    .await;
+    let got = node.requests();
+    assert_eq!(got.len(), N, "each delivered once: {got:?}");
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.target, format!("/jobs/{i}"), "in order");
+        assert_eq!(r.header("x-seq"), Some(i.to_string().as_str()));
+        let body = format!("body-{i}-{}", "y".repeat(i * 50));
+        assert_eq!(r.body, body.as_bytes(), "body of {i} intact");
+    }
+    assert!(
+        b.logs().contains("holds the delivery lease"),
+        "B took the lease over:\n{}",
+        b.logs()
+    );
+    // Delivered entries left the stream (the removal follows each answer).
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.command("XLEN fleet:deferred").await.trim() != ":0" {
+        assert!(tokio::time::Instant::now() < end, "the stream kept entries");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_queue_answers_unavailable_proxying_goes_on_and_it_reconnects() {
+    let mut redis = Redis::start().await;
+    let port = redis.port;
+    let node = Upstream::start("a").await;
+    let gw = Gateway::builder()
+        .upstream(&node)
+        .yaml(&shared_queue(&redis))
+        .start()
+        .await;
+    redis.stop().await;
+    node.down().await;
+    let resp = gw.send(&Request::post("/lost?", "x")).await;
+    resp.assert_sq_msg(503, "Queue Unavailable");
+    node.up().await;
+    // Proxying does not depend on Redis.
+    assert_eq!(gw.get("/live").await.status, 200);
+    gw.wait_for_metric(
+        "weir_rejected_total",
+        &[("reason", "queue_unavailable")],
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(gw.logs().contains("unreachable"), "{}", gw.logs());
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.sum("weir_queue_store_up", &[("queue", "deferred")]),
+        Some(0.0)
+    );
+    // Back: the next push is taken without a restart.
+    let redis = Redis::start_on(port).await;
+    node.down().await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = gw.send(&Request::post("/kept", "y")).await;
+        if resp.status == 503 && resp.text().contains("Request Buffered") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no reconnect: {} {}",
+            resp.status,
+            resp.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.wait_for_metric(
+        "weir_queue_store_up",
+        &[("queue", "deferred")],
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    node.up().await;
+    // `/live` and then the queued one.
+    node.wait_for_count(2, DELIVERY).await;
+    let got: Vec<String> = node
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .filter(|t| t != "/live")
+        .collect();
+    assert_eq!(got, ["/kept"]);
+    drop(redis);
+}
