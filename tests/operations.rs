@@ -329,7 +329,7 @@ async fn queued_requests_survive_an_upgrade(storage: &str) {
     let handed = if storage == "memory" {
         "handed 3 queued requests over to the successor"
     } else {
-        "3 queued requests stay in the queue log for it"
+        "3 queued requests stay in the queue's log for it"
     };
     assert!(old_log.contains(handed), "old process log:\n{old_log}");
     assert!(

@@ -463,7 +463,9 @@ impl RedisStore {
                 continue;
             };
             if self.stopping.load(Ordering::Acquire) {
-                return;
+                // Stay: the removals and the lease release run on this thread's runtime.
+                tokio::time::sleep(POLL).await;
+                continue;
             }
             let now = Instant::now();
             if now >= next_renew {

@@ -203,8 +203,13 @@ impl<D: Deliver> Replay<D> {
                 queue.sync().await;
                 log::warn!(
                     "queue={label} stopped delivering for the successor: {} queued requests \
-                     stay in the queue log for it",
-                    queue.len()
+                     stay in the queue's {} for it",
+                    queue.len(),
+                    if queue.redis().is_some() {
+                        "Redis stream"
+                    } else {
+                        "log"
+                    }
                 );
                 break;
             }
