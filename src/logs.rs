@@ -117,15 +117,18 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 impl LogSink {
     fn start(name: &str, target: Target) -> io::Result<LogSink> {
-        // Opened now so that a file that cannot be opened stops the start; the thread reopens
-        // it (appending) in the process that writes.
-        drop(target.open()?);
+        // Opened now (a file that cannot be opened stops the start); the thread takes it when it
+        // starts, and opens it again (appending) only if it has to start again after a fork.
+        let parked = Mutex::new(Some(target.open()?));
         let (tx, rx) = bounded(CHANNEL_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
         let d = dropped.clone();
-        let worker = Worker::new(format!("weir-{name}-log"), move || match target.open() {
-            Ok(out) => write_loop(rx.clone(), &target, out, d.clone()),
-            Err(e) => log::error!("cannot open the {} log: {e}", target.describe()),
+        let worker = Worker::new(format!("weir-{name}-log"), move || {
+            let first = parked.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match first.map_or_else(|| target.open(), Ok) {
+                Ok(out) => write_loop(rx.clone(), &target, out, d.clone()),
+                Err(e) => log::error!("cannot open the {} log: {e}", target.describe()),
+            }
         });
         Ok(LogSink {
             tx,
