@@ -154,3 +154,34 @@ async fn redis_unreachable_queue_answers_unavailable_proxying_goes_on_and_it_rec
     assert_eq!(got, ["/kept"]);
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_instance_gives_the_lease_up_and_leaves_its_entries_to_the_fleet() {
+    let redis = Redis::start().await;
+    let node = Upstream::start_down("a").await;
+    // A long lease: only a released lease lets B deliver within the deadline below.
+    let yaml = shared_queue(&redis).replace("lease: 2s", "lease: 60s");
+    let mut a = Gateway::builder().upstream(&node).yaml(&yaml).start().await;
+    a.wait_for_stderr("holds the delivery lease").await;
+    let b = Gateway::builder().upstream(&node).yaml(&yaml).start().await;
+    for i in 0..3 {
+        buffered(&a, Request::post(&format!("/s/{i}"), "z")).await;
+    }
+    a.signal("TERM");
+    assert!(a.wait_exit(Duration::from_secs(30)).await, "A did not stop");
+    assert!(
+        a.logs()
+            .contains("3 queued requests remain at shutdown; they stay in the Redis stream"),
+        "{}",
+        a.logs()
+    );
+    node.up().await;
+    node.wait_for_count(3, Duration::from_secs(25)).await;
+    let got: Vec<String> = node.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(got, ["/s/0", "/s/1", "/s/2"]);
+    assert!(
+        b.logs().contains("holds the delivery lease"),
+        "{}",
+        b.logs()
+    );
+}

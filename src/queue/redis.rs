@@ -5,7 +5,8 @@
 //!   client is answered only after Redis replied. Redis unreachable or slower than
 //!   `store.redis.timeout`: `503 Queue Unavailable`.
 //! - **Delivery lease (FIFO across the fleet).** One instance at a time delivers: the holder of
-//!   `<stream>:lease` (`SET NX PX`, renewed every third of `store.redis.lease`). The holder
+//!   `<stream>:lease` (`SET NX PX`, renewed every third of `store.redis.lease`; the others ask
+//!   for it every second, so a lease given up at shutdown is taken at once). The holder
 //!   reads the stream in order into its local queue and delivers as any queue does; an entry
 //!   leaves the stream (`XDEL`) only after a node answered (or it was dead-lettered). The
 //!   stream order is the order in which Redis accepted the pushes.
@@ -454,6 +455,8 @@ impl RedisStore {
     /// Holds or waits for the lease; while held, reads the stream into the local queue.
     async fn read_loop(self: Arc<Self>) {
         let renew_every = self.settings.lease / 3;
+        // Waiting instances ask at least every second: a released lease is taken at once.
+        let ask_every = renew_every.min(Duration::from_secs(1));
         let mut held = false;
         let mut cursor = String::from("-");
         let mut next_renew = Instant::now();
@@ -469,7 +472,7 @@ impl RedisStore {
             }
             let now = Instant::now();
             if now >= next_renew {
-                next_renew = now + renew_every;
+                next_renew = now + if held { renew_every } else { ask_every };
                 let ms = self.settings.lease.as_millis().to_string();
                 let me = self.me.clone();
                 match self
@@ -523,7 +526,7 @@ impl RedisStore {
                     Err(e) => log::warn!("queue stream {}: read failed: {e}", self.stream),
                 }
             }
-            let wait = if held { POLL } else { renew_every };
+            let wait = if held { POLL } else { ask_every };
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(next_renew.min(Instant::now() + wait)) => {}
