@@ -12,14 +12,6 @@ const DEFERRED_LOG: &str = "deferred_queue: {enabled: true, storage: log}";
 /// Bound on a replay reaching a node that came back (its backoff is up to 5 s).
 const DELIVERY: Duration = Duration::from_secs(30);
 
-async fn buffered(gw: &Gateway, req: Request) -> String {
-    let resp = gw.send(&req).await;
-    resp.assert_sq_msg(503, "Request Buffered");
-    resp.header("x-weir-queue-id")
-        .unwrap_or_else(|| panic!("no X-Weir-Queue-Id: {:?}", resp.headers))
-        .to_string()
-}
-
 /// A node that is down behind a gateway with a logged deferred queue.
 async fn all_down_with_a_log() -> (Upstream, Gateway) {
     let a = Upstream::start_down("a").await;
@@ -53,7 +45,7 @@ async fn buffered_requests_survive_kill_9_and_are_delivered_once_in_order() {
         let req = Request::post(&format!("/orders/{i}?n={i}"), body.clone())
             .header("X-Seq", &i.to_string())
             .header("Idempotency-Key", &format!("k{i}"));
-        ids.push(buffered(&gw, req).await);
+        ids.push(gw.buffered(&req).await);
     }
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), N);
     // No shutdown of any kind: what the answers promised must be on disk already.
@@ -81,13 +73,7 @@ async fn buffered_requests_survive_kill_9_and_are_delivered_once_in_order() {
         assert!(r.header("x-forwarded-for").is_some());
     }
     // Delivered entries leave the log: another kill and restart delivers nothing again.
-    gw.wait_for_metric(
-        "weir_deferred_replayed_total",
-        &[("queue", "deferred"), ("result", "delivered")],
-        |v| v >= N as f64,
-        DELIVERY,
-    )
-    .await;
+    gw.wait_for_delivered(N, DELIVERY).await;
     let m = gw.metrics().await;
     assert_eq!(
         m.sum("weir_deferred_queue_depth", &[("queue", "deferred")]),
@@ -109,7 +95,8 @@ async fn buffered_requests_survive_kill_9_and_are_delivered_once_in_order() {
 async fn a_log_cut_mid_record_is_truncated_and_the_rest_delivered() {
     let (a, mut gw) = all_down_with_a_log().await;
     for i in 0..5 {
-        buffered(&gw, Request::post(&format!("/cut/{i}"), "y".repeat(300))).await;
+        gw.buffered(&Request::post(&format!("/cut/{i}"), "y".repeat(300)))
+            .await;
     }
     gw.kill9();
     // A torn write: the last record loses its end.
@@ -195,8 +182,8 @@ async fn a_second_weir_on_the_same_data_dir_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_reports_what_is_left_and_the_next_start_delivers_it() {
     let (a, mut gw) = all_down_with_a_log().await;
-    let first = buffered(&gw, Request::post("/int/1", "1")).await;
-    buffered(&gw, Request::post("/int/2", "2")).await;
+    let first = gw.buffered(&Request::post("/int/1", "1")).await;
+    gw.buffered(&Request::post("/int/2", "2")).await;
     gw.signal("INT");
     assert!(gw.wait_exit(Duration::from_secs(20)).await, "exited");
     let logs = gw.logs();

@@ -20,14 +20,6 @@ fn shared_queue(redis: &Redis) -> String {
     )
 }
 
-async fn buffered(gw: &Gateway, req: Request) -> String {
-    let resp = gw.send(&req).await;
-    resp.assert_sq_msg(503, "Request Buffered");
-    resp.header("x-weir-queue-id")
-        .unwrap_or_else(|| panic!("no X-Weir-Queue-Id: {:?}", resp.headers))
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instances_queue_is_delivered_once_in_order_by_another() {
     let redis = Redis::start().await;
@@ -52,7 +44,7 @@ async fn a_killed_instances_queue_is_delivered_once_in_order_by_another() {
         let req = Request::post(&format!("/jobs/{i}"), body)
             .header("X-Seq", &i.to_string())
             .header("Idempotency-Key", &format!("k{i}"));
-        buffered(gw, req).await;
+        gw.buffered(&req).await;
     }
     assert_eq!(redis.command("XLEN fleet:deferred").await.trim(), ":12");
     // A has read the entries and is failing to deliver them; it dies with them read.
@@ -60,13 +52,7 @@ async fn a_killed_instances_queue_is_delivered_once_in_order_by_another() {
     a.kill9();
     node.up().await;
     node.wait_for_count(N, DELIVERY).await;
-    b.wait_for_metric(
-        "weir_deferred_replayed_total",
-        &[("queue", "deferred"), ("result", "delivered")],
-        |v| v >= N as f64,
-        DELIVERY,
-    )
-    .await;
+    b.wait_for_delivered(N, DELIVERY).await;
     let got = node.requests();
     assert_eq!(got.len(), N, "each delivered once: {got:?}");
     for (i, r) in got.iter().enumerate() {
@@ -165,7 +151,7 @@ async fn a_stopping_instance_gives_the_lease_up_and_leaves_its_entries_to_the_fl
     a.wait_for_stderr("holds the delivery lease").await;
     let b = Gateway::builder().upstream(&node).yaml(&yaml).start().await;
     for i in 0..3 {
-        buffered(&a, Request::post(&format!("/s/{i}"), "z")).await;
+        a.buffered(&Request::post(&format!("/s/{i}"), "z")).await;
     }
     a.signal("TERM");
     assert!(a.wait_exit(Duration::from_secs(30)).await, "A did not stop");

@@ -521,6 +521,26 @@ impl Gateway {
     }
 
     /// Scrapes `/metrics`; panics unless it answers 200.
+    /// Sends `req`, which must be answered `503 Request Buffered`; returns its queue id.
+    pub async fn buffered(&self, req: &Request) -> String {
+        let resp = self.send(req).await;
+        resp.assert_sq_msg(503, "Request Buffered");
+        resp.header("x-weir-queue-id")
+            .unwrap_or_else(|| panic!("no X-Weir-Queue-Id: {:?}", resp.headers))
+            .to_string()
+    }
+
+    /// Waits until the deferred queue's replay counted `n` deliveries.
+    pub async fn wait_for_delivered(&self, n: usize, deadline: Duration) {
+        self.wait_for_metric(
+            "weir_deferred_replayed_total",
+            &[("queue", "deferred"), ("result", "delivered")],
+            |v| v >= n as f64,
+            deadline,
+        )
+        .await;
+    }
+
     pub async fn metrics(&self) -> Metrics {
         let resp = self.admin_get("/metrics").await;
         assert_eq!(resp.status, 200, "GET /metrics: {}", resp.text());
