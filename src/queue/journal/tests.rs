@@ -80,18 +80,21 @@ async fn entries_survive_a_restart_in_order_with_their_attempts() {
     assert_eq!(recovered[1].last_error.as_deref(), Some("connect refused"));
 }
 
+/// A log in `dir` with three synced entries `/1`..`/3` (100-byte bodies), then closed.
+async fn write_three(dir: &Path) {
+    let (log, _) = open(dir);
+    for i in 1..=3u64 {
+        log.append(&entry(i, &format!("/{i}"), &[b'x'; 100], 1000 + i))
+            .await
+            .expect("append");
+    }
+    log.sync().await;
+}
+
 #[tokio::test]
 async fn a_torn_tail_is_truncated_and_the_rest_delivered() {
     let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let (log, _) = open(dir.path());
-        for i in 1..=3u64 {
-            log.append(&entry(i, &format!("/{i}"), &[b'x'; 100], 1000 + i))
-                .await
-                .expect("append");
-        }
-        log.sync().await;
-    }
+    write_three(dir.path()).await;
     // Cut the only segment in the middle of its last record.
     let seg = first_segment(dir.path());
     let len = fs::metadata(&seg).expect("meta").len();
@@ -111,14 +114,7 @@ async fn a_torn_tail_is_truncated_and_the_rest_delivered() {
 #[tokio::test]
 async fn a_corrupt_byte_ends_the_segment_there() {
     let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let (log, _) = open(dir.path());
-        for i in 1..=3u64 {
-            log.append(&entry(i, &format!("/{i}"), &[b'x'; 100], 1000 + i))
-                .await
-                .expect("append");
-        }
-    }
+    write_three(dir.path()).await;
     let seg = first_segment(dir.path());
     let mut data = fs::read(&seg).expect("read");
     let second = record_at(&data, 0).expect("first").1;
