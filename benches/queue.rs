@@ -1,7 +1,8 @@
 //! The queue's hot path and footprint: push + take + finish on the lock-free memory store,
 //! single-threaded and with 2 producers + 1 consumer, and the bytes of memory one queued request
 //! with a 1 KiB body costs (counted by a wrapping global allocator: the entry's bytes and its
-//! share of the queue's blocks).
+//! share of the queue's blocks); and a push as a client waits for it per storage (memory, the
+//! log per fsync policy, Redis against a redis-server the bench starts on loopback).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -224,5 +225,136 @@ fn push_durable(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, push_take, memory_per_request, push_durable);
+/// A `redis-server` on a free loopback port, in memory only (no RDB, no AOF), killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one if `redis-server` is installed (`scripts/deps test` installs it).
+    fn start() -> Option<RedisServer> {
+        let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|b| std::path::Path::new(b).exists())?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let dir = tempfile::tempdir().ok()?;
+        let child = std::process::Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if server.connection().is_some() {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> Option<redis::Connection> {
+        let mut c = redis::Client::open(self.url())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()?;
+        Some(c)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same push with `storage: redis`: answered once the Lua script's XADD (capacity and byte
+/// checks included) has been acknowledged by a local redis-server. This instance also holds the
+/// delivery lease and reads ahead, as the fleet's deliverer does.
+fn push_redis(c: &mut Criterion) {
+    let Some(server) = RedisServer::start() else {
+        eprintln!("queue_push/redis_*: skipped, no redis-server (scripts/deps test installs it)");
+        return;
+    };
+    let Some(mut admin) = server.connection() else {
+        eprintln!("queue_push/redis_*: skipped, redis-server does not answer");
+        return;
+    };
+    let mut g = c.benchmark_group("queue_push");
+    g.sample_size(20);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let metrics = Metrics::new();
+    let settings = weir::config::RedisSettings {
+        url: server.url(),
+        ..Default::default()
+    };
+    let store = weir::queue::redis::RedisStore::open(&settings, "deferred", 1 << 22, 1 << 34)
+        .expect("open the stream");
+    let keys = [
+        store.stream().to_string(),
+        format!("{}:bytes", store.stream()),
+        format!("{}:meta", store.stream()),
+    ];
+    let q = Queue::shared(QueueKind::Deferred, 1 << 22, 1 << 34, store, &metrics);
+    for batch in [1usize, 64] {
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("redis_x{batch}"), |b| {
+            b.iter_custom(|iters| {
+                let pusher = q.clone();
+                let elapsed = rt.block_on(async move {
+                    let started = Instant::now();
+                    for i in 0..iters {
+                        let pushes: Vec<_> = (0..batch)
+                            .map(|j| {
+                                let q = pusher.clone();
+                                let r = request(i * 64 + j as u64, 1024);
+                                tokio::spawn(async move { q.push(r).await.is_ok() })
+                            })
+                            .collect();
+                        for p in pushes {
+                            assert!(p.await.unwrap_or(false), "push refused");
+                        }
+                    }
+                    started.elapsed()
+                });
+                // Empty the stream again between samples (not timed).
+                let _ = redis::cmd("DEL").arg(&keys).query::<i64>(&mut admin);
+                let _ = q.drain();
+                elapsed
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    push_take,
+    memory_per_request,
+    push_durable,
+    push_redis
+);
 criterion_main!(benches);
