@@ -12,8 +12,8 @@ use weir::metrics::{Metrics, Outcome, RetryReason};
 
 fn recording(c: &mut Criterion) {
     let metrics = Metrics::new();
-    let a = metrics.node("http://10.0.0.1:8080");
-    let b = metrics.node("http://10.0.0.2:8080");
+    let a = metrics.node("default", "http://10.0.0.1:8080");
+    let b = metrics.node("default", "http://10.0.0.2:8080");
     let mut g = c.benchmark_group("metrics");
     g.bench_function("request_done", |bench| {
         bench.iter(|| metrics.request_done(black_box(200), Outcome::Proxied, black_box(0.0021)))

@@ -60,6 +60,7 @@ fn request(id: u64, body_len: usize) -> QueuedRequest {
         attempts: 0,
         replay_safe: false,
         last_error: None,
+        cluster: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The admin listener: `GET /` (live status page), `GET /status.json`, `GET /metrics`
-//! (Prometheus text), `GET /healthz`, `GET /queue`, `DELETE /queue/dead`.
+//! (Prometheus text), `GET /healthz`, `GET /queue`, `DELETE /queue/dead`, and the registry
+//! (`PUT`/`DELETE /registry/{cluster}/{id}`, `GET /registry[/{cluster}]`).
 //! Bound to loopback by default; it is for operators, not clients.
 //!
 //! Two checks run before a request is routed ([`Access`]):
@@ -24,6 +25,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::config::Admin;
+use crate::discovery::RegistryError;
 use crate::proxy::Gateway;
 use crate::status::{self, Started};
 
@@ -56,6 +58,92 @@ impl AdminApp {
             "upfront": q.upfront.status(state.config.upfront_queue.enabled),
         });
         body.to_string().into_bytes()
+    }
+
+    /// The registry API: `PUT`/`DELETE /registry/{cluster}/{id}`, `GET /registry/{cluster}`,
+    /// `GET /registry`.
+    async fn registry(
+        &self,
+        method: &http::Method,
+        path: &str,
+        session: &mut ServerSession,
+    ) -> (StatusCode, &'static str, Vec<u8>) {
+        let rest = path.strip_prefix("/registry").unwrap_or("");
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let parts: Vec<&str> = match rest.is_empty() {
+            true => Vec::new(),
+            false => rest.split('/').collect(),
+        };
+        let runtime = self.gateway.runtime();
+        let discovery = &self.gateway.discovery;
+        let registry = &discovery.registry;
+        let json =
+            |status: StatusCode, v: serde_json::Value| (status, JSON, v.to_string().into_bytes());
+        let refused = |e: RegistryError| match e {
+            RegistryError::NoRegistry(m) => {
+                json(StatusCode::NOT_FOUND, serde_json::json!({ "error": m }))
+            }
+            RegistryError::Bad(m) => {
+                json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": m }))
+            }
+        };
+        match (method.as_str(), parts.as_slice()) {
+            ("GET" | "HEAD", []) => json(StatusCode::OK, registry.counts(&runtime)),
+            ("GET" | "HEAD", [cluster]) => match registry.list(&runtime, cluster) {
+                Ok(v) => json(StatusCode::OK, v),
+                Err(e) => refused(e),
+            },
+            ("PUT", [cluster, id]) => {
+                let mut body = Vec::new();
+                loop {
+                    match session.read_request_body().await {
+                        Ok(Some(chunk)) => {
+                            if body.len() + chunk.len() > crate::discovery::registry::MAX_BODY {
+                                return json(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    serde_json::json!({ "error": "a registry entry is at most 16 KiB" }),
+                                );
+                            }
+                            body.extend_from_slice(&chunk);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            return json(
+                                StatusCode::BAD_REQUEST,
+                                serde_json::json!({ "error": format!("reading the body: {e}") }),
+                            )
+                        }
+                    }
+                }
+                match registry.put(&runtime, cluster, id, &body).await {
+                    Ok((entry, changed)) => {
+                        if changed {
+                            discovery.rebuild();
+                        }
+                        json(StatusCode::OK, entry)
+                    }
+                    Err(e) => refused(e),
+                }
+            }
+            ("DELETE", [cluster, id]) => match registry.delete(&runtime, cluster, id) {
+                Ok(removed) => {
+                    if removed {
+                        discovery.rebuild();
+                    }
+                    (StatusCode::NO_CONTENT, JSON, Vec::new())
+                }
+                Err(e) => refused(e),
+            },
+            (_, [] | [_] | [_, _]) => json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({ "error": "method not allowed: GET /registry[/{cluster}], PUT or DELETE /registry/{cluster}/{id}" }),
+            ),
+            _ => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({ "error": "not found" }),
+            ),
+        }
     }
 
     fn route(&self, method: &http::Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
@@ -153,12 +241,19 @@ impl ServeHttp for AdminApp {
             )
         } else {
             let path = req.uri.path().to_string();
-            self.route(&method, &path)
+            if path == "/registry" || path.starts_with("/registry/") {
+                self.registry(&method, &path, session).await
+            } else {
+                self.route(&method, &path)
+            }
         };
-        let mut resp = Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, content_type)
-            .header(http::header::CONTENT_LENGTH, body.len())
+        let mut resp = Response::builder().status(status);
+        if status != StatusCode::NO_CONTENT {
+            resp = resp
+                .header(http::header::CONTENT_TYPE, content_type)
+                .header(http::header::CONTENT_LENGTH, body.len());
+        }
+        let mut resp = resp
             // Live values: a cached copy is a wrong one.
             .header(http::header::CACHE_CONTROL, "no-store");
         if status == StatusCode::UNAUTHORIZED {

@@ -174,7 +174,8 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
         loop {
             tokio::time::sleep(REPORT_EVERY).await;
             let state = gateway.runtime();
-            let p = state.router.selection_probabilities();
+            let router = &state.cluster(0).router;
+            let p = router.selection_probabilities();
             let totals = gateway.metrics.totals();
             let retries: u64 = totals.retries.0.iter().map(|(_, n)| n).sum();
             let mut line = String::from("weir demo:");
@@ -204,7 +205,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
                     n.name,
                     n.fault().label(),
                     served - last[i],
-                    state.router.error_rate(i),
+                    router.error_rate(i),
                     p.get(i).copied().unwrap_or(0.0),
                 ));
                 last[i] = served;

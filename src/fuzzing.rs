@@ -593,10 +593,11 @@ async fn proxied(fx: &Fixture, data: &[u8]) {
     for (mode, node) in [(UpstreamHost::Keep, 0), (UpstreamHost::Rewrite, 1)] {
         for c in [&client, &remote] {
             let mut up = req.clone();
-            if let Err(e) = forward::prepare(&mut up, &runtime.nodes[node], mode, c) {
+            let nodes = &runtime.cluster(0).nodes;
+            if let Err(e) = forward::prepare(&mut up, &nodes[node], mode, c) {
                 panic!("the forwarding policy failed on a request it was given: {e}");
             }
-            let host = runtime.nodes[node].host_header.clone();
+            let host = nodes[node].host_header.clone();
             check_forwarded(&req, &up, mode, &host, c);
             if mode == UpstreamHost::Keep && c.ip.is_some() {
                 live = Some(up);
@@ -618,12 +619,15 @@ async fn proxied(fx: &Fixture, data: &[u8]) {
         attempts: 0,
         replay_safe: false,
         last_error: None,
+        cluster: None,
     };
     check_queued_lines(&req, &queued);
-    let replay = match crate::queue::delivery::request_head(&queued, &runtime, 0) {
-        Ok(head) => head,
-        Err(e) => panic!("a queued request's head cannot be rebuilt: {e}"),
-    };
+    let replay =
+        match crate::queue::delivery::request_head(&queued, &runtime, &runtime.cluster(0).nodes[0])
+        {
+            Ok(head) => head,
+            Err(e) => panic!("a queued request's head cannot be rebuilt: {e}"),
+        };
     if let Some(live) = live {
         check_replay(&req, &live, &replay, &queued);
     }

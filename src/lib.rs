@@ -12,6 +12,7 @@
 //! runtime                    the running state built from one config (nodes, router)
 //! forward                    the forwarding policy (the upstream request head)
 //! conn                       client connections: counts, head and body deadlines
+//! discovery                  dynamic membership: registry, health checks (rebuilds runtimes)
 //! queue, tls, acme           queues and their replay; TLS listeners; ACME
 //! proxy                      the ProxyHttp hooks
 //! admin, status, reload      admin listener, status page, config reload
@@ -33,6 +34,8 @@ pub mod config;
 pub mod conn;
 /// `weir demo`: local upstreams (one flapping) plus the gateway.
 pub mod demo;
+/// Dynamic membership: the service registry and active health checks.
+pub mod discovery;
 /// The one failure taxonomy: every upstream error classified once.
 pub mod failure;
 /// The forwarding policy: the head of every upstream request, live or replayed.

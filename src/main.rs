@@ -144,6 +144,7 @@ fn main() -> ExitCode {
                 }
             }
             print!("{}", loaded.config.to_yaml());
+            print!("{}", loaded.config.routes_text());
             eprintln!("weir: {}: ok", config.display());
             ExitCode::SUCCESS
         }

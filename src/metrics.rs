@@ -143,6 +143,14 @@ pub struct Metrics {
     pub queue_dead_letters: IntGaugeVec,
     pub queue_remaining_at_shutdown: IntGaugeVec,
     pub queue_store_up: IntGaugeVec,
+    /// Nodes registered in each cluster's registry (set at scrape time).
+    pub registry_nodes: IntGaugeVec,
+    /// Registry events by cluster: registered | renewed | expired | deleted.
+    pub registry_events: IntCounterVec,
+    /// 1 while the node passes its cluster's health check (or has none), else 0.
+    pub upstream_healthy: IntGaugeVec,
+    /// Health-check probes by cluster, node and result: ok | failed.
+    pub health_checks: IntCounterVec,
     pub reloads: IntCounterVec,
     /// ACME certificate orders (first issue and renewals) by result: ok | failed.
     pub acme_orders: IntCounterVec,
@@ -229,7 +237,7 @@ impl Metrics {
             &r,
             IntCounterVec::new(
                 Opts::new("weir_upstream_attempts_total", "Attempts sent to each node"),
-                &["upstream", "result"],
+                &["cluster", "upstream", "result"],
             )
             .expect("valid metric"),
         );
@@ -241,7 +249,7 @@ impl Metrics {
                     "Time to response header per attempt",
                 )
                 .buckets(latency_buckets()),
-                &["upstream"],
+                &["cluster", "upstream"],
             )
             .expect("valid metric"),
         );
@@ -252,7 +260,7 @@ impl Metrics {
                     "weir_upstream_error_rate",
                     "The node's current decayed error score as a rate (0..1)",
                 ),
-                &["upstream"],
+                &["cluster", "upstream"],
             )
             .expect("valid metric"),
         );
@@ -263,7 +271,7 @@ impl Metrics {
                     "weir_upstream_selection_probability",
                     "Probability the router picks the node for a first attempt now",
                 ),
-                &["upstream"],
+                &["cluster", "upstream"],
             )
             .expect("valid metric"),
         );
@@ -274,7 +282,7 @@ impl Metrics {
                     "weir_upstream_inflight_requests",
                     "Attempts in flight on each node now",
                 ),
-                &["upstream"],
+                &["cluster", "upstream"],
             )
             .expect("valid metric"),
         );
@@ -382,6 +390,52 @@ impl Metrics {
                 queue_replayed.with_label_values(&[q, result]);
             }
         }
+        let registry_nodes = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_registry_nodes",
+                    "Nodes registered (and not expired) in each cluster's registry",
+                ),
+                &["cluster"],
+            )
+            .expect("valid metric"),
+        );
+        let registry_events = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_registry_events_total",
+                    "Registry events per cluster: registered, renewed, expired (no renewal \
+                     within liveness), deleted",
+                ),
+                &["cluster", "event"],
+            )
+            .expect("valid metric"),
+        );
+        let upstream_healthy = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "weir_upstream_healthy",
+                    "1 while the node passes its cluster's active health check, 0 while it \
+                     fails it (nodes of clusters without health_check are not listed)",
+                ),
+                &["cluster", "upstream"],
+            )
+            .expect("valid metric"),
+        );
+        let health_checks = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_health_checks_total",
+                    "Active health-check probes per node by result: ok, failed",
+                ),
+                &["cluster", "upstream", "result"],
+            )
+            .expect("valid metric"),
+        );
         let reloads = register(
             &r,
             IntCounterVec::new(
@@ -519,6 +573,10 @@ impl Metrics {
             queue_dead_letters,
             queue_remaining_at_shutdown,
             queue_store_up,
+            registry_nodes,
+            registry_events,
+            upstream_healthy,
+            health_checks,
             reloads,
             acme_orders,
             acme_certificate_expiry,
@@ -533,27 +591,39 @@ impl Metrics {
         })
     }
 
-    /// Handles for one node, labelled with its normalised URL.
-    pub fn node(&self, upstream: &str) -> NodeMetrics {
+    /// Handles for one node of `cluster`, labelled with its normalised URL.
+    pub fn node(&self, cluster: &str, upstream: &str) -> NodeMetrics {
+        let l = [cluster, upstream];
         NodeMetrics {
-            attempts: ATTEMPT_RESULTS
-                .map(|result| self.attempts.with_label_values(&[upstream, result])),
-            response_duration: self.response_duration.with_label_values(&[upstream]),
-            error_rate: self.error_rate.with_label_values(&[upstream]),
-            selection_probability: self.selection_probability.with_label_values(&[upstream]),
-            inflight: self.node_inflight.with_label_values(&[upstream]),
+            attempts: ATTEMPT_RESULTS.map(|result| {
+                self.attempts
+                    .with_label_values(&[cluster, upstream, result])
+            }),
+            response_duration: self.response_duration.with_label_values(&l),
+            error_rate: self.error_rate.with_label_values(&l),
+            selection_probability: self.selection_probability.with_label_values(&l),
+            inflight: self.node_inflight.with_label_values(&l),
         }
     }
 
-    /// Drops the series of a node that left the config.
-    pub fn forget_node(&self, upstream: &str) {
+    /// Drops the series of a node that left its cluster.
+    pub fn forget_node(&self, cluster: &str, upstream: &str) {
+        let l = [cluster, upstream];
         for result in ATTEMPT_RESULTS {
-            let _ = self.attempts.remove_label_values(&[upstream, result]);
+            let _ = self
+                .attempts
+                .remove_label_values(&[cluster, upstream, result]);
         }
-        let _ = self.response_duration.remove_label_values(&[upstream]);
-        let _ = self.error_rate.remove_label_values(&[upstream]);
-        let _ = self.selection_probability.remove_label_values(&[upstream]);
-        let _ = self.node_inflight.remove_label_values(&[upstream]);
+        let _ = self.response_duration.remove_label_values(&l);
+        let _ = self.error_rate.remove_label_values(&l);
+        let _ = self.selection_probability.remove_label_values(&l);
+        let _ = self.node_inflight.remove_label_values(&l);
+        let _ = self.upstream_healthy.remove_label_values(&l);
+        for result in ["ok", "failed"] {
+            let _ = self
+                .health_checks
+                .remove_label_values(&[cluster, upstream, result]);
+        }
     }
 
     /// One finished client request. A request that got no response at all (the client went

@@ -73,9 +73,13 @@ impl Reloader {
         if let Some(listen) = &self.listen_override {
             config.listen = listen.clone();
         }
+        // Membership changes wait for this reload (and it builds on the current members).
+        let discovery = self.gateway.discovery.clone();
+        let _rebuilding = discovery.lock();
         let old = self.gateway.runtime();
         let needs_restart = keep_restart_only_settings(&mut config, &old.config);
-        let new = Runtime::build_carried(config, &self.gateway.metrics, &old)?;
+        let new =
+            Runtime::build_carried(config, &self.gateway.metrics, &old, &discovery.members())?;
         // Read again on every reload: how a renewed certificate reaches new connections.
         let pair = certs::load_configured(&new.config)?;
         let leaf = |c: &Option<std::sync::Arc<rustls::sign::CertifiedKey>>| {
@@ -86,23 +90,30 @@ impl Reloader {
             certificate_changed: leaf(&pair) != leaf(&self.gateway.certs.files()),
             ..ReloadReport::default()
         };
-        for n in &new.nodes {
-            if old.nodes.iter().any(|o| o.upstream.url == n.upstream.url) {
+        // A node is named by its URL in the default cluster, `cluster url` in the others.
+        let name = |c: &crate::runtime::Cluster, url: &str| match &*c.name {
+            crate::config::DEFAULT_CLUSTER => url.to_string(),
+            other => format!("{other} {url}"),
+        };
+        let has = |rt: &Runtime, c: &crate::runtime::Cluster, url: &str| {
+            rt.all_nodes()
+                .any(|(rc, n)| rc.name == c.name && n.upstream.url == url)
+        };
+        for (c, n) in new.all_nodes() {
+            if has(&old, c, &n.upstream.url) {
                 report.kept += 1;
             } else {
-                report.added.push(n.upstream.url.clone());
+                report.added.push(name(c, &n.upstream.url));
             }
         }
-        for o in &old.nodes {
-            if !new.nodes.iter().any(|n| n.upstream.url == o.upstream.url) {
-                report.removed.push(o.upstream.url.clone());
+        for (c, o) in old.all_nodes() {
+            if !has(&new, c, &o.upstream.url) {
+                report.removed.push(name(c, &o.upstream.url));
             }
         }
+        crate::discovery::forget_departed(&self.gateway.metrics, &old, &new);
         self.gateway.swap_runtime(new);
         self.gateway.certs.set_files(pair);
-        for url in &report.removed {
-            self.gateway.metrics.forget_node(url);
-        }
         Ok(report)
     }
 

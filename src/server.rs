@@ -416,6 +416,12 @@ pub fn build(config: Config, opts: &RunOptions) -> Result<Built, String> {
         ));
     }
     server.add_service(background_service(
+        "weir discovery",
+        DiscoveryService {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "weir stall watch",
         StallWatch {
             gateway: gateway.clone(),
@@ -525,6 +531,21 @@ impl BackgroundService for StallWatch {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// Registry expiry and health checks.
+struct DiscoveryService {
+    gateway: Arc<Gateway>,
+}
+
+#[async_trait]
+impl BackgroundService for DiscoveryService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        self.gateway.discovery.run(stop).await;
     }
 }
 

@@ -57,13 +57,20 @@ pub struct Status {
     pub inflight: usize,
     pub concurrency_peak: usize,
     pub requests: Totals,
+    /// Every node of every cluster, `default` first.
     pub upstreams: Vec<UpstreamStatus>,
+    pub clusters: Vec<ClusterStatus>,
     pub queues: Queues,
 }
 
 #[derive(Serialize)]
 pub struct UpstreamStatus {
+    pub cluster: String,
     pub url: String,
+    /// Joined through the registry (not in the config).
+    pub registered: bool,
+    /// Passes its health check; `None`: the cluster has none.
+    pub healthy: Option<bool>,
     pub weight: u32,
     /// 0..1, as `weir_upstream_error_rate`.
     pub error_rate: f64,
@@ -76,6 +83,27 @@ pub struct UpstreamStatus {
     pub latency_ms: Option<f64>,
     pub attempts: Counts,
     pub attempts_total: u64,
+}
+
+/// One cluster: its node count (registered ones included) and what routes to it.
+#[derive(Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub nodes: usize,
+    pub registered: usize,
+    pub registry: bool,
+    pub health_check: bool,
+    /// Its routes as `host/path_prefix*` (in match order).
+    pub routes: Vec<String>,
+}
+
+/// A route as one line: `api.example.com/v2/*`, `*/api/*`.
+pub fn route_text(r: &crate::config::Route) -> String {
+    format!(
+        "{}{}*",
+        r.host.as_deref().unwrap_or("*"),
+        r.path_prefix.as_deref().unwrap_or("/")
+    )
 }
 
 #[derive(Serialize)]
@@ -96,13 +124,27 @@ pub fn status(gateway: &Gateway, started: &Started) -> Status {
     // The queues (and any other scrape-time gauge) are read from the metrics they keep current.
     gateway.refresh_gauges();
     let state = gateway.runtime();
-    let router = &state.router;
-    let probabilities = router.selection_probabilities();
-    let upstreams = state
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
+    let mut upstreams = Vec::new();
+    let mut clusters = Vec::new();
+    let registered = gateway.discovery.members();
+    for cluster in &state.clusters {
+        let router = &cluster.router;
+        let probabilities = router.selection_probabilities();
+        let dynamic = registered.get(&*cluster.name);
+        clusters.push(ClusterStatus {
+            name: cluster.name.to_string(),
+            nodes: cluster.nodes.len(),
+            registered: dynamic.map_or(0, Vec::len),
+            registry: cluster.settings.registry.is_some(),
+            health_check: cluster.settings.health_check.is_some(),
+            routes: state
+                .routes
+                .iter()
+                .filter(|(_, i)| state.clusters[*i].name == cluster.name)
+                .map(|(r, _)| route_text(r))
+                .collect(),
+        });
+        upstreams.extend(cluster.nodes.iter().enumerate().map(|(i, node)| {
             let attempts = Counts(
                 ATTEMPT_RESULTS
                     .iter()
@@ -111,6 +153,13 @@ pub fn status(gateway: &Gateway, started: &Started) -> Status {
                     .collect(),
             );
             UpstreamStatus {
+                cluster: cluster.name.to_string(),
+                registered: dynamic.is_some_and(|d| d.iter().any(|u| u.url == node.upstream.url)),
+                healthy: cluster
+                    .settings
+                    .health_check
+                    .as_ref()
+                    .map(|_| !router.is_down(i)),
                 url: node.upstream.url.clone(),
                 weight: node.upstream.weight,
                 error_rate: router.error_rate(i),
@@ -121,8 +170,8 @@ pub fn status(gateway: &Gateway, started: &Started) -> Status {
                 attempts_total: attempts.0.iter().map(|(_, n)| n).sum(),
                 attempts,
             }
-        })
-        .collect();
+        }));
+    }
     let metrics = &gateway.metrics;
     let config = &state.config;
     Status {
@@ -136,6 +185,7 @@ pub fn status(gateway: &Gateway, started: &Started) -> Status {
         concurrency_peak: config.limits.concurrency_peak,
         requests: metrics.totals(),
         upstreams,
+        clusters,
         queues: Queues {
             deferred: QueueStatus {
                 enabled: config.deferred_queue.enabled,

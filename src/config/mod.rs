@@ -14,6 +14,7 @@
 //!
 //! Everything downstream (proxy, routing, queues) reads only this typed form, never the files.
 
+pub mod clusters;
 pub mod formats;
 pub mod properties;
 pub mod units;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use clusters::{ClusterConfig, Route, DEFAULT_CLUSTER};
 use formats::RequestFormats;
 pub use validate::{Finding, Key};
 
@@ -92,8 +94,14 @@ pub struct Config {
     /// Downstream TLS: the certificate of the TLS listeners. Default none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
-    /// The cluster (at least one; no default).
+    /// The cluster `default` (at least one node, unless `clusters.default` has a registry).
     pub upstreams: Vec<Upstream>,
+    /// More clusters by name (and the dynamic parts of `default`). Default none.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub clusters: std::collections::BTreeMap<String, ClusterConfig>,
+    /// Which cluster a request goes to; first match wins, no match: `default`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
     pub upstream_host: UpstreamHost,
     pub routing: Routing,
     pub retries: Retries,
@@ -122,6 +130,8 @@ impl Default for Config {
             }],
             tls: None,
             upstreams: Vec::new(),
+            clusters: std::collections::BTreeMap::new(),
+            routes: Vec::new(),
             upstream_host: UpstreamHost::default(),
             routing: Routing::default(),
             retries: Retries::default(),
@@ -791,13 +801,94 @@ impl Config {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
 
-    /// Attempts per request after applying `retries.max_attempts` (0 = one per upstream).
+    /// Attempts per request of the default cluster after applying `retries.max_attempts`
+    /// (0 = one per upstream).
     pub fn attempts_per_request(&self) -> usize {
         let n = self.upstreams.len().max(1);
         match self.retries.max_attempts {
             0 => n,
             m => m as usize,
         }
+    }
+
+    /// The routing table as YAML comments (`weir check`): each route in match order and the
+    /// cluster it leads to, with that cluster's static nodes and dynamic sources.
+    pub fn routes_text(&self) -> String {
+        let describe = |name: &str| {
+            let (statics, settings) = match name {
+                DEFAULT_CLUSTER => (
+                    self.upstreams.len(),
+                    self.clusters
+                        .get(DEFAULT_CLUSTER)
+                        .cloned()
+                        .unwrap_or_default(),
+                ),
+                other => {
+                    let c = self.clusters.get(other).cloned().unwrap_or_default();
+                    (c.upstreams.len(), c)
+                }
+            };
+            let mut d = format!(
+                "{name} ({statics} static node{}",
+                if statics == 1 { "" } else { "s" }
+            );
+            if let Some(r) = &settings.registry {
+                d.push_str(&format!(
+                    ", registry with liveness {}",
+                    units::format_duration(r.liveness)
+                ));
+            }
+            if let Some(h) = &settings.health_check {
+                let what = match h.kind {
+                    clusters::CheckKind::Tcp => "tcp".to_string(),
+                    clusters::CheckKind::Http => format!("GET {} expects {}", h.path, h.expect),
+                };
+                d.push_str(&format!(
+                    ", health check {what} every {}",
+                    units::format_duration(h.interval)
+                ));
+            }
+            d.push(')');
+            d
+        };
+        let mut out = String::from("# routes (first match wins):\n");
+        for r in &self.routes {
+            let pattern = format!(
+                "{}{}*",
+                r.host.as_deref().unwrap_or("*"),
+                r.path_prefix.as_deref().unwrap_or("/")
+            );
+            out.push_str(&format!("#   {pattern:<32} -> {}\n", describe(&r.cluster)));
+        }
+        out.push_str(&format!(
+            "#   {:<32} -> {}\n",
+            "anything else",
+            describe(DEFAULT_CLUSTER)
+        ));
+        for name in self.clusters.keys() {
+            if name != DEFAULT_CLUSTER && !self.routes.iter().any(|r| &r.cluster == name) {
+                out.push_str(&format!("#   (no route leads to cluster `{name}`)\n"));
+            }
+        }
+        out
+    }
+
+    /// Every cluster, `default` first (its nodes the top-level `upstreams`), then the others
+    /// by name: (name, static nodes, its settings).
+    pub fn cluster_list(&self) -> Vec<(&str, &[Upstream], ClusterConfig)> {
+        let mut out = Vec::with_capacity(self.clusters.len() + 1);
+        let default = self
+            .clusters
+            .get(DEFAULT_CLUSTER)
+            .cloned()
+            .unwrap_or_default();
+        out.push((DEFAULT_CLUSTER, self.upstreams.as_slice(), default));
+        for (name, c) in &self.clusters {
+            if name != DEFAULT_CLUSTER {
+                out.push((name.as_str(), c.upstreams.as_slice(), c.clone()));
+            }
+        }
+        out
     }
 }
 

@@ -9,9 +9,12 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::clusters::{is_cluster_name, CheckKind, HealthCheck, RegistryConfig};
 use super::units::format_size;
 use super::values::{check_header, host_port, is_host_name};
-use super::{Config, Limits, QueueConfig, Scheme, Storage, ACME_NEEDS_PLAIN_LISTENER};
+use super::{
+    Config, Limits, QueueConfig, Scheme, Storage, ACME_NEEDS_PLAIN_LISTENER, DEFAULT_CLUSTER,
+};
 
 /// One step of a key path: a map key or a list index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +76,7 @@ impl Config {
         self.check_listeners(&mut warnings)?;
         self.check_tls(&mut warnings)?;
         self.check_upstreams(&mut warnings)?;
+        self.check_clusters(&mut warnings)?;
         self.check_response_headers()?;
         self.check_bounds()?;
         self.check_admin(&mut warnings);
@@ -301,13 +305,140 @@ impl Config {
     }
 
     fn check_upstreams(&self, warnings: &mut Vec<Finding>) -> Result<(), Finding> {
-        if self.upstreams.is_empty() {
+        let registered = self
+            .clusters
+            .get(DEFAULT_CLUSTER)
+            .is_some_and(|c| c.registry.is_some());
+        if self.upstreams.is_empty() && !registered {
             return Err(Finding::new(at!("upstreams"), "no upstreams configured"));
         }
-        for (i, u) in self.upstreams.iter().enumerate() {
-            if self.upstreams[..i].iter().any(|o| o.url == u.url) {
+        check_node_list(&self.upstreams, &["upstreams"], warnings)
+    }
+
+    fn check_clusters(&self, warnings: &mut Vec<Finding>) -> Result<(), Finding> {
+        for (name, c) in &self.clusters {
+            let here = |key: &str| at!("clusters", name, key);
+            if !is_cluster_name(name) {
                 return Err(Finding::new(
-                    at!("upstreams"; i),
+                    at!("clusters", name),
+                    format!("`{name}` is not a cluster name (1-64 letters, digits, `-`, `_`, `.`)"),
+                ));
+            }
+            if name == DEFAULT_CLUSTER && !c.upstreams.is_empty() {
+                return Err(Finding::new(
+                    here("upstreams"),
+                    "the default cluster's nodes are the top-level `upstreams`; list them there",
+                ));
+            }
+            if name != DEFAULT_CLUSTER && c.upstreams.is_empty() && c.registry.is_none() {
+                return Err(Finding::new(
+                    at!("clusters", name),
+                    format!("cluster `{name}` has no nodes: give it `upstreams` or a `registry`"),
+                ));
+            }
+            check_node_list(&c.upstreams, &["clusters", name, "upstreams"], warnings)?;
+            if let Some(r) = &c.registry {
+                let (lo, hi) = (RegistryConfig::MIN_LIVENESS, RegistryConfig::MAX_LIVENESS);
+                if r.liveness < lo || r.liveness > hi {
+                    return Err(Finding::new(
+                        at!("clusters", name, "registry", "liveness"),
+                        format!("must be between {lo:?} and {hi:?}"),
+                    ));
+                }
+            }
+            if let Some(h) = &c.health_check {
+                let at_check = |key: &str| at!("clusters", name, "health_check", key);
+                let (lo, hi) = (HealthCheck::MIN_INTERVAL, HealthCheck::MAX_INTERVAL);
+                if h.interval < lo || h.interval > hi {
+                    return Err(Finding::new(
+                        at_check("interval"),
+                        format!("must be between {lo:?} and {hi:?}"),
+                    ));
+                }
+                if h.timeout > h.interval {
+                    return Err(Finding::new(
+                        at_check("timeout"),
+                        "must not be longer than the interval",
+                    ));
+                }
+                if h.kind == CheckKind::Http {
+                    if !h.path.starts_with('/')
+                        || http::uri::PathAndQuery::try_from(h.path.as_str()).is_err()
+                    {
+                        return Err(Finding::new(
+                            at_check("path"),
+                            format!("`{}` is not a request path (it starts with `/`)", h.path),
+                        ));
+                    }
+                    if !(100..=599).contains(&h.expect) {
+                        return Err(Finding::new(
+                            at_check("expect"),
+                            format!("{} is not an HTTP status (100-599)", h.expect),
+                        ));
+                    }
+                }
+            }
+            if c.retries.max_attempts.is_some_and(|m| m > 100) {
+                return Err(Finding::new(
+                    at!("clusters", name, "retries", "max_attempts"),
+                    "at most 100",
+                ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let here = || at!("routes"; i);
+            if r.cluster != DEFAULT_CLUSTER && !self.clusters.contains_key(&r.cluster) {
+                return Err(Finding::new(
+                    here(),
+                    format!("no cluster named `{}` (see `clusters`)", r.cluster),
+                ));
+            }
+            if r.host.is_none() && r.path_prefix.is_none() {
+                return Err(Finding::new(
+                    here(),
+                    "a route needs `host`, `path_prefix` or both (a catch-all is the default cluster)",
+                ));
+            }
+            if let Some(h) = &r.host {
+                let bare = h.strip_prefix("*.").unwrap_or(h);
+                if !is_host_name(bare) && bare.parse::<std::net::IpAddr>().is_err() {
+                    return Err(Finding::new(
+                        here(),
+                        format!(
+                            "`{h}` is not a host name (a leading `*.` matches every name below)"
+                        ),
+                    ));
+                }
+            }
+            if let Some(p) = &r.path_prefix {
+                if !p.starts_with('/') {
+                    return Err(Finding::new(
+                        here(),
+                        format!("path_prefix `{p}` must start with `/`"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One cluster's static nodes: no URL twice, a usable Host, a warning for unchecked TLS.
+fn check_node_list(
+    nodes: &[super::Upstream],
+    at: &[&str],
+    warnings: &mut Vec<Finding>,
+) -> Result<(), Finding> {
+    let key = |i: usize| {
+        let mut k: Vec<Key> = at.iter().map(|n| Key::Name(n.to_string())).collect();
+        k.push(Key::Index(i));
+        k
+    };
+    {
+        for (i, u) in nodes.iter().enumerate() {
+            if nodes[..i].iter().any(|o| o.url == u.url) {
+                return Err(Finding::new(
+                    key(i),
                     format!("upstream `{}` is listed twice", u.url),
                 ));
             }
@@ -315,13 +446,13 @@ impl Config {
             let host = host_port(&u.host, u.port);
             if http::HeaderValue::from_str(&host).is_err() {
                 return Err(Finding::new(
-                    at!("upstreams"; i),
+                    key(i),
                     format!("`{host}` is not a valid Host header"),
                 ));
             }
             if u.scheme == Scheme::Https && !u.tls_verify {
                 warnings.push(Finding::new(
-                    at!("upstreams"; i),
+                    key(i),
                     format!(
                         "upstream {}: tls_verify: false, its certificate is not checked (anyone on the path can impersonate it)",
                         u.url
@@ -329,9 +460,11 @@ impl Config {
                 ));
             }
         }
-        Ok(())
     }
+    Ok(())
+}
 
+impl Config {
     fn check_response_headers(&self) -> Result<(), Finding> {
         for (i, (name, value)) in self.response_headers.iter().enumerate() {
             let here = || at!("response_headers", name);

@@ -46,7 +46,7 @@ pub fn access_line(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Du
         upstream: ctx
             .tried
             .last()
-            .map(|&i| ctx.runtime.nodes[i].upstream.url.as_str()),
+            .map(|&i| ctx.cluster().nodes[i].upstream.url.as_str()),
         attempts: ctx.tried.len(),
         duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
     };

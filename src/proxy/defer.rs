@@ -246,6 +246,7 @@ pub fn entry(session: &Session, ctx: &RequestCtx, queue: &Queue, body: Bytes) ->
         attempts: 0,
         replay_safe: ctx.replay_safe,
         last_error: None,
+        cluster: (ctx.cluster != 0).then(|| ctx.cluster().name.clone()),
     }
 }
 

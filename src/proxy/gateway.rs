@@ -10,6 +10,7 @@ use crate::abort::Swept;
 use crate::acme::AcmeState;
 use crate::certs::CertStore;
 use crate::conn::{ConnShared, Connections};
+use crate::discovery::Discovery;
 use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::queue::Queues;
@@ -37,6 +38,8 @@ pub struct Gateway {
     pub budget: Arc<RetryBudget>,
     /// Hedged requests: those waiting for their delay, the hedges' pool and the quantile.
     pub hedges: Arc<Hedges>,
+    /// Registered nodes and health checks; rebuilds the runtime when membership changes.
+    pub discovery: Arc<Discovery>,
 }
 
 impl Gateway {
@@ -71,8 +74,10 @@ impl Gateway {
             metrics: metrics.clone(),
             logs: logs.clone(),
         });
+        let cell: RuntimeCell = Arc::new(ArcSwap::from_pointee(runtime));
         Gateway {
-            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+            discovery: Arc::new(Discovery::new(cell.clone(), metrics.clone())),
+            runtime: cell,
             admission: Admission::default(),
             metrics,
             logs,
@@ -113,15 +118,17 @@ impl Gateway {
             .client_connections
             .set(self.conns.open() as i64);
         let runtime = self.runtime();
-        let probabilities = runtime.router.selection_probabilities();
-        for (i, node) in runtime.nodes.iter().enumerate() {
-            node.metrics.error_rate.set(runtime.router.error_rate(i));
-            node.metrics
-                .inflight
-                .set(i64::from(runtime.router.inflight(i)));
-            node.metrics
-                .selection_probability
-                .set(probabilities.get(i).copied().unwrap_or(0.0));
+        self.discovery.registry.refresh_gauges(&runtime);
+        for cluster in &runtime.clusters {
+            let router = &cluster.router;
+            let probabilities = router.selection_probabilities();
+            for (i, node) in cluster.nodes.iter().enumerate() {
+                node.metrics.error_rate.set(router.error_rate(i));
+                node.metrics.inflight.set(i64::from(router.inflight(i)));
+                node.metrics
+                    .selection_probability
+                    .set(probabilities.get(i).copied().unwrap_or(0.0));
+            }
         }
         self.queues.deferred.refresh_gauges();
         self.queues.upfront.refresh_gauges();

@@ -70,6 +70,8 @@ pub struct Hedges {
 /// What a hedge needs to go out.
 struct Plan {
     runtime: Arc<Runtime>,
+    /// The request's cluster in `runtime`.
+    cluster: usize,
     /// The request head as Pingora would send it, before the forwarding policy.
     head: RequestHeader,
     body: Option<Bytes>,
@@ -141,11 +143,12 @@ impl Hedges {
         let node = ctx.node_in_flight()?;
         let plan = Plan {
             runtime: runtime.clone(),
+            cluster: ctx.cluster,
             head: head.clone(),
             body: ctx.body.clone(),
             client: ctx.client.clone()?,
             tried: ctx.tried.clone(),
-            primary: (runtime.nodes.get(node)?.aborts.clone(), guard.id()),
+            primary: (ctx.cluster().nodes.get(node)?.aborts.clone(), guard.id()),
         };
         let cell = Arc::new(Cell {
             state: AtomicU8::new(WAITING),
@@ -216,7 +219,8 @@ impl Hedges {
                 continue;
             };
             let runtime = plan.runtime.clone();
-            let node = runtime.router.select(&plan.tried, fastrand::f64());
+            let cluster = runtime.cluster(plan.cluster);
+            let node = cluster.router.select(&plan.tried, fastrand::f64());
             let Some(node) = node.filter(|n| !plan.tried.contains(n)) else {
                 cell.finish(NO_HEDGE);
                 continue;
@@ -228,7 +232,7 @@ impl Hedges {
             }
             metrics.hedges_sent.inc();
             cell.node.store(node, Relaxed);
-            runtime.router.start(node);
+            cluster.router.start(node);
             let hedges = self.clone();
             let (metrics, logs) = (metrics.clone(), logs.clone());
             tokio::spawn(async move {
@@ -240,15 +244,16 @@ impl Hedges {
     /// The hedge attempt on `node`: the first response header decides.
     async fn run(&self, cell: Arc<Cell>, plan: Plan, node: usize, metrics: &Metrics, logs: &Logs) {
         let runtime = &plan.runtime;
+        let cluster = runtime.cluster(plan.cluster);
         let started = Instant::now();
-        let n = &runtime.nodes[node];
+        let n = &cluster.nodes[node];
         let attempt = self.attempt(&plan, node);
         let result = tokio::select! {
             r = attempt => r,
             _ = cell.cancel.notified() => {
                 // The first attempt answered (or the request went away): the connection is
                 // dropped, which the node sees as a close. No verdict on the node.
-                runtime.router.cancel(node);
+                cluster.router.cancel(node);
                 return;
             }
         };
@@ -256,7 +261,7 @@ impl Hedges {
             Ok((session, header)) => {
                 let status = header.status.as_u16();
                 if runtime.is_failure_status(status) {
-                    runtime.record_attempt(
+                    cluster.record_attempt(
                         logs,
                         node,
                         Err(Failure::Status(status)),
@@ -266,7 +271,7 @@ impl Hedges {
                     return;
                 }
                 let ttfb = started.elapsed();
-                runtime.record_attempt(logs, node, Ok(()), ttfb);
+                cluster.record_attempt(logs, node, Ok(()), ttfb);
                 self.ttfb.record(ttfb);
                 if cell
                     .state
@@ -293,7 +298,7 @@ impl Hedges {
                     AttemptError::Stale { unsent: true } => Failure::ConnectRefused,
                     _ => Failure::Reset,
                 };
-                runtime.record_attempt(logs, node, Err(failure), started.elapsed());
+                cluster.record_attempt(logs, node, Err(failure), started.elapsed());
                 cell.finish(NO_HEDGE);
             }
         }
@@ -307,7 +312,8 @@ impl Hedges {
         node: usize,
     ) -> std::result::Result<(HttpSession, ResponseHeader), (Box<Error>, Phase)> {
         let runtime = &plan.runtime;
-        let n = &runtime.nodes[node];
+        let cluster = runtime.cluster(plan.cluster);
+        let n = &cluster.nodes[node];
         let (mut session, reused) = self
             .connector
             .get_http_session(&n.peer)
@@ -324,7 +330,7 @@ impl Hedges {
                 None => Error::e_explain(ErrorType::InvalidHTTPHeader, "no response header"),
             }
         };
-        let bound = runtime.config.timeouts.first_byte();
+        let bound = cluster.timeouts.first_byte();
         let header = match bound {
             Some(t) => match tokio::time::timeout(t, exchange).await {
                 Ok(r) => r,
@@ -375,7 +381,7 @@ impl Hedges {
                 .await;
             return Ok(status);
         }
-        let timeouts = &ctx.runtime.config.timeouts;
+        let timeouts = &ctx.cluster().timeouts;
         upstream.set_read_timeout(timeouts.body_idle());
         let body = async {
             loop {

@@ -294,6 +294,15 @@ impl ProxyHttp for Gateway {
         }
 
         let req = session.req_header();
+        // Routes: an absolute-form target's host wins over the Host header (RFC 9112 §3.2.2).
+        let host = match req.uri.host() {
+            Some(h) => h.as_bytes(),
+            None => req
+                .headers
+                .get(http::header::HOST)
+                .map_or(&b""[..], |h| h.as_bytes()),
+        };
+        ctx.cluster = ctx.runtime.route(host, req.uri.path());
         ctx.replay_safe =
             retry::is_idempotent(&req.method) || req.headers.contains_key("idempotency-key");
         let config = &ctx.runtime.config;
@@ -362,16 +371,16 @@ impl ProxyHttp for Gateway {
         }
         if let Some(reason) = ctx.take_retry() {
             self.metrics.retry(reason);
-            let gap = ctx.runtime.config.retries.gap;
+            let gap = ctx.cluster().retries.gap;
             if gap > Duration::ZERO && reason != RetryReason::STALE_CONNECTION {
                 tokio::time::sleep(gap).await;
             }
         }
-        let Some(node) = ctx.runtime.router.select(&ctx.tried, fastrand::f64()) else {
+        let Some(node) = ctx.cluster().router.select(&ctx.tried, fastrand::f64()) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "every node was tried");
         };
         ctx.start(node);
-        let n = &ctx.runtime.nodes[node];
+        let n = &ctx.cluster().nodes[node];
         let peer = if ctx.upgrade { &n.tunnel_peer } else { &n.peer };
         Ok(Box::new(peer.clone()))
     }
@@ -394,15 +403,15 @@ impl ProxyHttp for Gateway {
         // on stall. Upstream connections are HTTP/1 (one exchange per socket at a time), so
         // shutting the socket down ends this attempt only.
         if let Attempt::InFlight { node, started, .. } = ctx.attempt {
-            let runtime = &ctx.runtime;
+            let cluster = ctx.runtime.cluster(ctx.cluster);
             // The whole request goes out at once: no body, or weir's copy of it.
             let whole = ctx.body.is_some() || !body::has_body(session);
-            let stall = runtime.config.retries.abort_on_stall
+            let stall = cluster.retries.abort_on_stall
                 && ctx.replay_safe
                 && whole
-                && ctx.tried.len() < runtime.attempt_limit();
-            let terms = runtime.watch_terms(stall, ctx.upgrade);
-            if let (true, Some(n)) = (terms.any(), runtime.nodes.get(node)) {
+                && ctx.tried.len() < cluster.attempt_limit();
+            let terms = cluster.watch_terms(stall, ctx.upgrade);
+            if let (true, Some(n)) = (terms.any(), cluster.nodes.get(node)) {
                 ctx.abort = n.aborts.register(fd, started, terms, whole);
             }
         }
@@ -425,7 +434,7 @@ impl ProxyHttp for Gateway {
         let runtime = &ctx.runtime;
         forward::prepare(
             upstream_request,
-            &runtime.nodes[node],
+            &runtime.cluster(ctx.cluster).nodes[node],
             runtime.config.upstream_host,
             client,
         )

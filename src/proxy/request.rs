@@ -23,7 +23,7 @@ use crate::failure::Failure;
 use crate::forward::Client;
 use crate::logs::Logs;
 use crate::metrics::{Outcome, RetryReason};
-use crate::runtime::Runtime;
+use crate::runtime::{Cluster, Runtime};
 
 /// The attempt state of a request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,6 +45,8 @@ pub enum Attempt {
 pub struct RequestCtx {
     /// The runtime this request started on, kept to its end (reloads never change it mid-way).
     pub runtime: Arc<Runtime>,
+    /// The request's cluster in `runtime` (routes; set by `request_filter`, default 0).
+    pub cluster: usize,
     pub started: Instant,
     pub slot: Option<Slot>,
     /// This request counted against its client address (`limits.max_requests_per_client`).
@@ -90,6 +92,7 @@ impl RequestCtx {
     pub fn new(runtime: Arc<Runtime>) -> RequestCtx {
         RequestCtx {
             runtime,
+            cluster: 0,
             started: Instant::now(),
             slot: None,
             client_slot: None,
@@ -113,6 +116,11 @@ impl RequestCtx {
         }
     }
 
+    /// The request's cluster.
+    pub fn cluster(&self) -> &Cluster {
+        self.runtime.cluster(self.cluster)
+    }
+
     /// The node of the attempt in flight.
     pub fn node_in_flight(&self) -> Option<usize> {
         match self.attempt {
@@ -132,12 +140,12 @@ impl RequestCtx {
             && (self.body.is_some() || !has_body)
             && !self.upgrade
             && self.abort.is_some()
-            && self.runtime.attempt_limit() >= 2
+            && self.cluster().attempt_limit() >= 2
     }
 
     /// Starts an attempt on `node`.
     pub fn start(&mut self, node: usize) {
-        self.runtime.router.start(node);
+        self.cluster().router.start(node);
         self.tried.push(node);
         self.abort = None;
         self.aborted = None;
@@ -156,7 +164,7 @@ impl RequestCtx {
         };
         self.abort = None;
         self.attempt = Attempt::Ended { retry: None };
-        self.runtime
+        self.cluster()
             .record_attempt(logs, node, result, started.elapsed());
         if let Err(failure) = result {
             self.last_failure = Some(failure);
@@ -170,7 +178,7 @@ impl RequestCtx {
     pub fn release(&mut self) {
         self.abort = None;
         if let Attempt::InFlight { node, .. } = self.attempt {
-            self.runtime.router.cancel(node);
+            self.cluster().router.cancel(node);
             self.attempt = Attempt::Idle;
         }
     }
@@ -209,7 +217,7 @@ impl RequestCtx {
     /// failure for the node that answered (its attempt was counted at the header).
     pub fn end_late_timeout(&mut self, logs: &Logs) {
         if let Some(&node) = self.tried.last() {
-            self.runtime
+            self.cluster()
                 .record_late_timeout(logs, node, self.started.elapsed());
         }
         self.last_failure = Some(Failure::Timeout);
@@ -223,7 +231,7 @@ impl RequestCtx {
         };
         self.abort = None;
         self.attempt = Attempt::Ended { retry: None };
-        self.runtime.record_aborted(logs, node, started.elapsed());
+        self.cluster().record_aborted(logs, node, started.elapsed());
         self.last_failure = Some(Failure::Timeout);
         self.maybe_sent = true;
     }
@@ -236,7 +244,9 @@ impl RequestCtx {
         };
         self.abort = None;
         self.attempt = Attempt::Ended { retry: None };
-        self.runtime.router.finish_stalled(node, started.elapsed());
+        self.cluster()
+            .router
+            .finish_stalled(node, started.elapsed());
     }
 
     /// Records the retry decision for the attempt that just ended.

@@ -42,7 +42,7 @@ fn allowed(session: &Session, ctx: &RequestCtx, f: Failure) -> bool {
     if response_started(session) {
         return false;
     }
-    if ctx.tried.len() >= ctx.runtime.attempt_limit() {
+    if ctx.tried.len() >= ctx.cluster().attempt_limit() {
         return false;
     }
     f.nothing_sent() || replayable(session, ctx)

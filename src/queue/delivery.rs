@@ -19,7 +19,7 @@ use super::{QueueKind, QueuedRequest};
 use crate::failure::{classify, AttemptError, Failure, Phase};
 use crate::forward;
 use crate::logs::Logs;
-use crate::runtime::{Runtime, RuntimeCell};
+use crate::runtime::{Cluster, Node, Runtime, RuntimeCell};
 
 /// How much of a replayed request's response body is read (and thrown away) before the
 /// connection is dropped.
@@ -54,19 +54,20 @@ impl ClusterDelivery {
     async fn attempt(
         &self,
         state: &Runtime,
+        cluster: &Cluster,
         node: usize,
         req: &QueuedRequest,
     ) -> std::result::Result<u16, (Box<Error>, Phase)> {
-        let n = &state.nodes[node];
+        let n = &cluster.nodes[node];
         let (mut session, reused) = self
             .connector
             .get_http_session(&n.peer)
             .await
             .map_err(|e| (e, Phase::Connect))?;
         let phase = Phase::Exchange { reused };
-        session.set_read_timeout(state.config.timeouts.request);
-        session.set_write_timeout(state.config.timeouts.request);
-        let head = request_head(req, state, node).map_err(|e| (e, phase))?;
+        session.set_read_timeout(cluster.timeouts.request);
+        session.set_write_timeout(cluster.timeouts.request);
+        let head = request_head(req, state, n).map_err(|e| (e, phase))?;
         let body = (!req.body.is_empty()).then(|| req.body.clone());
         let status = send_request(&mut session, head, body)
             .await
@@ -117,7 +118,7 @@ pub(crate) async fn send_request(
 pub(crate) fn request_head(
     req: &QueuedRequest,
     state: &Runtime,
-    node: usize,
+    node: &Node,
 ) -> Result<RequestHeader> {
     let mut head = RequestHeader::build(req.method.clone(), &req.target, Some(16))?;
     for (name, value) in req.header_lines() {
@@ -129,12 +130,7 @@ pub(crate) fn request_head(
         };
         head.append_header(name, value)?;
     }
-    forward::prepare(
-        &mut head,
-        &state.nodes[node],
-        state.config.upstream_host,
-        &req.client,
-    )?;
+    forward::prepare(&mut head, node, state.config.upstream_host, &req.client)?;
     let body_method = matches!(req.method.as_str(), "POST" | "PUT" | "PATCH");
     if !req.body.is_empty() || body_method {
         head.insert_header(http::header::CONTENT_LENGTH, req.body.len())?;
@@ -146,36 +142,46 @@ pub(crate) fn request_head(
 impl Deliver for ClusterDelivery {
     async fn deliver(&self, req: &QueuedRequest) -> Delivery {
         let state = self.runtime.load_full();
-        let limit = state.attempt_limit();
+        // The cluster the request was routed to when it arrived (a reload may have removed it:
+        // then it waits, as for a cluster that is down, until its ttl or max_attempts).
+        let cluster = match req.cluster.as_deref() {
+            None => state.cluster(0),
+            Some(name) => match state.cluster_index(name) {
+                Some(i) => state.cluster(i),
+                None => {
+                    return Delivery::Failed {
+                        error: format!("cluster `{name}` is not in the running config"),
+                        sent: false,
+                    }
+                }
+            },
+        };
+        let limit = cluster.attempt_limit();
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         let mut sent = false;
         let mut last_error = String::from("no upstream is configured");
         // A backstop over Pingora's per-operation timeouts.
-        let bound = state.config.timeouts.connect
-            + state
-                .config
-                .timeouts
-                .request
-                .unwrap_or(Duration::from_secs(60))
-                * 3;
+        let bound = cluster.timeouts.connect
+            + cluster.timeouts.request.unwrap_or(Duration::from_secs(60)) * 3;
         while tried.len() < limit {
-            let Some(node) = state.router.select(&tried, fastrand::f64()) else {
+            let Some(node) = cluster.router.select(&tried, fastrand::f64()) else {
                 break;
             };
             tried.push(node);
-            state.router.start(node);
+            cluster.router.start(node);
             let started = Instant::now();
-            let result = match tokio::time::timeout(bound, self.attempt(&state, node, req)).await {
-                Ok(r) => r,
-                Err(_) => Err((
-                    Error::explain(ErrorType::ReadTimedout, "replay attempt").into_up(),
-                    Phase::Exchange { reused: false },
-                )),
-            };
-            let url = &state.nodes[node].upstream.url;
+            let result =
+                match tokio::time::timeout(bound, self.attempt(&state, cluster, node, req)).await {
+                    Ok(r) => r,
+                    Err(_) => Err((
+                        Error::explain(ErrorType::ReadTimedout, "replay attempt").into_up(),
+                        Phase::Exchange { reused: false },
+                    )),
+                };
+            let url = &cluster.nodes[node].upstream.url;
             let failure = match result {
                 Ok(status) if !state.is_failure_status(status) => {
-                    state.record_attempt(&self.logs, node, Ok(()), started.elapsed());
+                    cluster.record_attempt(&self.logs, node, Ok(()), started.elapsed());
                     return Delivery::Delivered {
                         status,
                         node: url.clone(),
@@ -192,7 +198,7 @@ impl Deliver for ClusterDelivery {
                     | AttemptError::Internal => Failure::Reset,
                 },
             };
-            state.record_attempt(&self.logs, node, Err(failure), started.elapsed());
+            cluster.record_attempt(&self.logs, node, Err(failure), started.elapsed());
             last_error = format!("{url}: {}", failure.label());
             if !failure.nothing_sent() {
                 sent = true;

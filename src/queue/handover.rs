@@ -71,6 +71,7 @@ pub fn import(e: ExportedRequest) -> Result<QueuedRequest, String> {
         attempts: e.attempts,
         replay_safe: e.replay_safe,
         last_error: e.last_error.map(String::into_boxed_str),
+        cluster: e.cluster.map(std::sync::Arc::from),
     })
 }
 
@@ -259,6 +260,7 @@ mod tests {
             request_id: "req-1".into(),
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             trace_started_here: true,
+            cluster: None,
         }
     }
 

@@ -507,6 +507,10 @@ pub fn encode_push(req: &QueuedRequest) -> Vec<u8> {
     put(&mut p, req.client.traceparent.as_bytes());
     put(&mut p, req.last_error.as_deref().unwrap_or("").as_bytes());
     put(&mut p, &req.body);
+    // Optional trailing field (a log written before clusters ends at the body).
+    if let Some(c) = &req.cluster {
+        put(&mut p, c.as_bytes());
+    }
     p
 }
 
@@ -571,6 +575,12 @@ fn decode_push(r: &mut Reader<'_>) -> Result<QueuedRequest, String> {
     let traceparent = r.bytes()?;
     let error = r.bytes()?;
     let body = Bytes::copy_from_slice(r.bytes()?);
+    let cluster = match r.0.is_empty() {
+        true => None,
+        false => Some(std::sync::Arc::from(
+            std::str::from_utf8(r.bytes()?).map_err(|_| "a bad cluster name".to_string())?,
+        )),
+    };
     let client = super::handover::restore_client(
         request_id,
         traceparent,
@@ -591,6 +601,7 @@ fn decode_push(r: &mut Reader<'_>) -> Result<QueuedRequest, String> {
         replay_safe: flags & 1 != 0,
         last_error: (!error.is_empty())
             .then(|| String::from_utf8_lossy(error).into_owned().into_boxed_str()),
+        cluster,
     })
 }
 

@@ -92,6 +92,8 @@ pub struct QueuedRequest {
     /// May be sent again after it reached a node (idempotent method or `Idempotency-Key`).
     pub replay_safe: bool,
     pub last_error: Option<Box<str>>,
+    /// The cluster its route chose when it arrived; `None`: `default`.
+    pub cluster: Option<std::sync::Arc<str>>,
 }
 
 impl QueuedRequest {
@@ -138,6 +140,7 @@ impl QueuedRequest {
             request_id: String::from_utf8_lossy(self.client.request_id.as_bytes()).into_owned(),
             traceparent: String::from_utf8_lossy(self.client.traceparent.as_bytes()).into_owned(),
             trace_started_here: self.client.trace_started_here,
+            cluster: self.cluster.as_deref().map(str::to_string),
         }
     }
 }
@@ -164,6 +167,9 @@ pub struct ExportedRequest {
     pub traceparent: String,
     #[serde(default)]
     pub trace_started_here: bool,
+    /// `None` (or absent, from an older weir): the default cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 /// Why a push was refused.
@@ -945,6 +951,7 @@ pub(crate) mod tests {
             attempts: 0,
             replay_safe: false,
             last_error: None,
+            cluster: None,
         }
     }
 

@@ -128,6 +128,9 @@ pub struct Router {
     clock: Arc<dyn Clock>,
     /// Attempts finished on any node (shared with routers built from this one on reload).
     completions: Arc<AtomicU64>,
+    /// Its nodes are health-checked: one that fails its check is passed over while another
+    /// is not.
+    health_checked: bool,
 }
 
 // === impl Router ===
@@ -186,6 +189,7 @@ impl Router {
             inv_half_life_us: 1.0 / half_life_us, // +inf for 0: any elapsed time forgets all
             clock,
             completions: Arc::new(AtomicU64::new(0)),
+            health_checked: false,
         }
     }
 
@@ -210,6 +214,22 @@ impl Router {
     /// already tried, in order; empty for the first attempt). `rand` is uniform in [0,1).
     /// `None` when every node is tried.
     pub fn select(&self, tried: &[usize], rand: f64) -> Option<usize> {
+        if self.health_checked && self.slots.iter().any(|s| s.state.is_down()) {
+            // Nodes failing their health check count as tried, unless no other is left.
+            let mut passed: smallvec::SmallVec<[usize; 8]> = tried.into();
+            for (i, s) in self.slots.iter().enumerate() {
+                if s.state.is_down() && !tried.contains(&i) {
+                    passed.push(i);
+                }
+            }
+            if passed.len() < self.slots.len() {
+                return self.select_among(&passed, rand);
+            }
+        }
+        self.select_among(tried, rand)
+    }
+
+    fn select_among(&self, tried: &[usize], rand: f64) -> Option<usize> {
         let rand = if rand.is_finite() {
             rand.clamp(0.0, 1.0)
         } else {
@@ -223,6 +243,20 @@ impl Router {
                 Some(first) => self.select_round_robin(&tried, first),
             },
         }
+    }
+
+    /// Turns the health-check rule on (see [`Router::select`]).
+    pub fn set_health_checked(&mut self, on: bool) {
+        self.health_checked = on;
+    }
+
+    /// Marks `node` as failing (`true`) or passing its health check; whether it changed.
+    pub fn set_down(&self, node: usize, down: bool) -> bool {
+        self.slots.get(node).is_some_and(|s| s.state.set_down(down))
+    }
+
+    pub fn is_down(&self, node: usize) -> bool {
+        self.slots.get(node).is_some_and(|s| s.state.is_down())
     }
 
     /// An attempt was sent to `node` (in-flight +1). Out-of-range nodes are ignored.

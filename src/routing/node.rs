@@ -74,9 +74,20 @@ pub struct NodeState {
     /// The router's completion count at this node's last progress.
     progress_mark: AtomicU64,
     inflight: AtomicU32,
+    /// Failing its active health check: no attempts while another node is not.
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl NodeState {
+    pub fn is_down(&self) -> bool {
+        self.down.load(Relaxed)
+    }
+
+    /// Whether it changed.
+    pub fn set_down(&self, down: bool) -> bool {
+        self.down.swap(down, Relaxed) != down
+    }
+
     /// A copy of everything but in-flight attempts (which belong to whoever started them).
     pub fn snapshot(&self) -> NodeState {
         NodeState {
@@ -88,6 +99,7 @@ impl NodeState {
             last_progress: AtomicU64::new(self.last_progress.load(Relaxed)),
             progress_mark: AtomicU64::new(self.progress_mark.load(Relaxed)),
             inflight: AtomicU32::new(0),
+            down: std::sync::atomic::AtomicBool::new(self.is_down()),
         }
     }
 

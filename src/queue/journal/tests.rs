@@ -18,6 +18,7 @@ fn entry(id: u64, target: &str, body: &[u8], at_ms: u64) -> QueuedRequest {
         attempts: 0,
         replay_safe: true,
         last_error: None,
+        cluster: None,
     }
 }
 
