@@ -24,7 +24,7 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_chang
         .await;
     let prom = Prometheus::start(gw.admin_addr()).await;
     let b_url = b.url();
-    let rate_of_b = format!(r#"weir_upstream_error_rate{{upstream="{b_url}"}}"#);
+    let rate_of_b = format!(r#"weir_upstream_error_rate{{cluster="default",upstream="{b_url}"}}"#);
 
     // Healthy: Prometheus has scraped weir and sees b at zero.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -53,7 +53,9 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_chang
         let rate = prom.values_by(&rate_of_b, "upstream").await;
         let p = prom
             .values_by(
-                &format!(r#"weir_upstream_selection_probability{{upstream="{b_url}"}}"#),
+                &format!(
+                    r#"weir_upstream_selection_probability{{cluster="default",upstream="{b_url}"}}"#
+                ),
                 "upstream",
             )
             .await;
@@ -72,7 +74,7 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_chang
     let attempts = prom
         .values_by(
             &format!(
-                r#"weir_upstream_attempts_total{{upstream="{b_url}",result="connect_refused"}}"#
+                r#"weir_upstream_attempts_total{{cluster="default",upstream="{b_url}",result="connect_refused"}}"#
             ),
             "result",
         )

@@ -520,7 +520,18 @@ impl Gateway {
             .unwrap_or_else(|e| panic!("GET {path} on the admin listener: {e}\n{}", self.logs()))
     }
 
-    /// Scrapes `/metrics`; panics unless it answers 200.
+    /// `req` on the admin listener (the registry API).
+    pub async fn admin_send(&self, req: &Request) -> Response {
+        client::send(self.admin, req).await.unwrap_or_else(|e| {
+            panic!(
+                "{} {} on the admin listener: {e}\n{}",
+                req.method,
+                req.target,
+                self.logs()
+            )
+        })
+    }
+
     /// Sends `req`, which must be answered `503 Request Buffered`; returns its queue id.
     pub async fn buffered(&self, req: &Request) -> String {
         let resp = self.send(req).await;
