@@ -5,7 +5,9 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use support::{Gateway, Upstream};
+use std::time::Duration;
+
+use support::{Gateway, Request, Upstream};
 
 const DASHBOARD: &str = include_str!("../grafana/weir.json");
 
@@ -145,7 +147,27 @@ fn metric_names_are_read_from_expressions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_queries_is_exported_and_every_family_is_shown() {
     let a = Upstream::start("a").await;
-    let gw = Gateway::builder().upstream(&a).start().await;
+    // A registry and a health check, so that their families are exported too.
+    let gw = Gateway::builder()
+        .upstream(&a)
+        .yaml(
+            "clusters:\n  default: {health_check: {kind: tcp, interval: 200ms, timeout: 100ms}}\n  \
+             api: {registry: {liveness: 30s}}",
+        )
+        .start()
+        .await;
+    let put = Request::put(
+        "/registry/api/n1",
+        format!(r#"{{"host":"127.0.0.1","port":{}}}"#, a.port()),
+    );
+    assert_eq!(gw.admin_send(&put).await.status, 200);
+    gw.wait_for_metric(
+        "weir_health_checks_total",
+        &[],
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let m = gw.metrics().await;
 
     let mut exprs = Vec::new();

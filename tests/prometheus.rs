@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::tools::Prometheus;
-use support::{Gateway, Upstream};
+use support::{Gateway, Request, Upstream};
 use tokio::time::Instant;
 
 const DASHBOARD: &str = include_str!("../grafana/weir.json");
@@ -17,11 +17,22 @@ const DASHBOARD: &str = include_str!("../grafana/weir.json");
 async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_change() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
+    // A registered node that refuses connections fails the `api` cluster's health check, so
+    // the registry and health-check panels have series too.
+    let z = Upstream::start_down("z").await;
     let gw = Gateway::builder()
         .upstreams([&a, &b])
-        .yaml("deferred_queue: {enabled: true}")
+        .yaml(
+            "deferred_queue: {enabled: true}\nclusters:\n  api: {registry: {liveness: 5m}, \
+             health_check: {kind: tcp, interval: 200ms, timeout: 100ms}}",
+        )
         .start()
         .await;
+    let put = Request::put(
+        "/registry/api/z",
+        format!(r#"{{"host":"127.0.0.1","port":{}}}"#, z.port()),
+    );
+    assert_eq!(gw.admin_send(&put).await.status, 200);
     let prom = Prometheus::start(gw.admin_addr()).await;
     let b_url = b.url();
     let rate_of_b = format!(r#"weir_upstream_error_rate{{cluster="default",upstream="{b_url}"}}"#);
@@ -128,7 +139,8 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_chang
             let concrete = expr
                 .replace("$__rate_interval", "10s")
                 .replace("$job", ".*")
-                .replace("$instance", ".*");
+                .replace("$instance", ".*")
+                .replace("$cluster", ".*");
             let body = prom.query(&concrete).await;
             let series = body["data"]["result"].as_array().map_or(0, Vec::len);
             assert!(
