@@ -144,7 +144,8 @@ fn main() -> ExitCode {
                 }
             }
             print!("{}", loaded.config.to_yaml());
-            print!("{}", loaded.config.routes_text());
+            // On stderr: stdout stays the config alone, as `weir convert` prints it.
+            eprint!("{}", loaded.config.routes_text());
             eprintln!("weir: {}: ok", config.display());
             ExitCode::SUCCESS
         }

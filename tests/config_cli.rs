@@ -221,3 +221,68 @@ async fn printed_configs_read_back_to_the_same_config() {
         assert_eq!(stdout(&out), printed[0], "{path} printed twice");
     }
 }
+
+#[tokio::test]
+async fn cluster_and_route_mistakes_are_reported_at_their_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = "listen: 127.0.0.1:5252\nupstreams:\n  - http://127.0.0.1:9001\n";
+    for (name, tail, wanted) in [
+        (
+            "route.yaml",
+            "clusters:\n  api: {upstreams: [http://127.0.0.1:9002]}\nroutes:\n  - {host: a.example, cluster: api}\n  - {path_prefix: /x/, cluster: apx}\n",
+            vec!["route.yaml:8", "no cluster named `apx`"],
+        ),
+        (
+            "empty.yaml",
+            "clusters:\n  api: {}\n",
+            vec!["empty.yaml:5", "has no nodes"],
+        ),
+        (
+            "liveness.yaml",
+            "clusters:\n  api:\n    registry:\n      liveness: 10ms\n",
+            vec!["liveness.yaml:7", "liveness"],
+        ),
+        (
+            "prefix.yaml",
+            "clusters:\n  api: {registry: {}}\nroutes:\n  - {path_prefix: api, cluster: api}\n",
+            vec!["prefix.yaml:7", "must start with `/`"],
+        ),
+        (
+            "default.yaml",
+            "clusters:\n  default:\n    upstreams: [http://127.0.0.1:9002]\n",
+            vec!["default.yaml:6", "top-level `upstreams`"],
+        ),
+    ] {
+        let path = write(dir.path(), name, &format!("{base}{tail}"));
+        assert_rejected(dir.path(), &path, &wanted).await;
+    }
+}
+
+#[tokio::test]
+async fn check_prints_the_route_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "routes.yaml",
+        "listen: 127.0.0.1:5252\nupstreams: [http://127.0.0.1:9001]\n\
+         clusters:\n  api: {upstreams: [http://127.0.0.1:9002], registry: {liveness: 30s}}\n\
+         routes:\n  - {host: api.example.com, path_prefix: /v2/, cluster: api}\n",
+    );
+    let out = run_weir(
+        &["check", "-c", path.to_str().expect("utf-8")],
+        dir.path(),
+        EXIT_DEADLINE,
+    )
+    .await;
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    assert!(
+        e.contains("api.example.com/v2/*")
+            && e.contains("-> api (1 static node, registry with liveness 30s)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("anything else") && e.contains("-> default (1 static node)"),
+        "{e}"
+    );
+}
