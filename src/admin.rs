@@ -87,6 +87,10 @@ impl AdminApp {
             RegistryError::Bad(m) => {
                 json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": m }))
             }
+            RegistryError::Unavailable(m) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": format!("registry unavailable: {m}") }),
+            ),
         };
         match (method.as_str(), parts.as_slice()) {
             ("GET" | "HEAD", []) => json(StatusCode::OK, registry.counts(&runtime)),
@@ -126,7 +130,7 @@ impl AdminApp {
                     Err(e) => refused(e),
                 }
             }
-            ("DELETE", [cluster, id]) => match registry.delete(&runtime, cluster, id) {
+            ("DELETE", [cluster, id]) => match registry.delete(&runtime, cluster, id).await {
                 Ok(removed) => {
                     if removed {
                         discovery.rebuild();

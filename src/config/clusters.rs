@@ -49,6 +49,18 @@ pub struct RegistryConfig {
     /// An entry not renewed (PUT again) for this long expires and leaves routing.
     #[serde(with = "units::positive_duration")]
     pub liveness: Duration,
+    /// Where entries live: in this process (`memory`), or in Redis (`redis`, `store.redis`),
+    /// shared by every weir instance that uses the same Redis and key.
+    pub storage: RegistryStorage,
+}
+
+/// `registry.storage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "`memory` or `redis`")]
+pub enum RegistryStorage {
+    #[default]
+    Memory,
+    Redis,
 }
 
 impl RegistryConfig {
@@ -60,6 +72,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             liveness: Duration::from_secs(30),
+            storage: RegistryStorage::Memory,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::clusters::{is_cluster_name, CheckKind, HealthCheck, RegistryConfig};
+use super::clusters::{is_cluster_name, CheckKind, HealthCheck, RegistryConfig, RegistryStorage};
 use super::units::format_size;
 use super::values::{check_header, host_port, is_host_name};
 use super::{
@@ -343,6 +343,12 @@ impl Config {
                     return Err(Finding::new(
                         at!("clusters", name, "registry", "liveness"),
                         format!("must be between {lo:?} and {hi:?}"),
+                    ));
+                }
+                if r.storage == RegistryStorage::Redis && self.store.redis.url.is_empty() {
+                    return Err(Finding::new(
+                        at!("clusters", name, "registry", "storage"),
+                        "storage: redis needs store.redis.url (redis://host:port[/db])",
                     ));
                 }
             }

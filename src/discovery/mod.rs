@@ -9,6 +9,7 @@
 
 pub mod health;
 pub mod registry;
+pub mod shared;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -72,7 +73,9 @@ impl Discovery {
     pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
         let expiry = async {
             loop {
-                let (expired, next) = self.registry.sweep(tokio::time::Instant::now());
+                let runtime = self.runtime();
+                let (expired, next) = self.registry.sweep(&runtime, tokio::time::Instant::now());
+                drop(runtime);
                 if expired {
                     self.rebuild();
                 }
@@ -90,13 +93,28 @@ impl Discovery {
                 tokio::time::sleep(HEALTH_TICK).await;
             }
         };
+        let shared = async {
+            loop {
+                let runtime = self.runtime();
+                if self.registry.sync_shared(&runtime).await {
+                    self.rebuild();
+                }
+                drop(runtime);
+                tokio::time::sleep(SHARED_POLL).await;
+            }
+        };
         tokio::select! {
             _ = expiry => {}
             _ = health => {}
+            _ = shared => {}
             _ = stop => {}
         }
     }
 }
+
+/// How often the instances read the shared (`storage: redis`) registries: a node registered
+/// on one instance is routed by the others within this.
+const SHARED_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How often the loop looks whether a cluster's health check is due (its interval's
 /// granularity).

@@ -12,6 +12,8 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::shared::SharedRegistry;
+use crate::config::clusters::RegistryStorage;
 use crate::config::values::{host_port, parse_upstream};
 use crate::config::{Scheme, Upstream};
 use crate::metrics::Metrics;
@@ -24,11 +26,15 @@ pub enum RegistryError {
     NoRegistry(String),
     /// The body or the id is not acceptable (400).
     Bad(String),
+    /// `storage: redis` and Redis did not take it (503).
+    Unavailable(String),
 }
 
 /// One registered node.
 struct Entry {
     upstream: Upstream,
+    /// The entry's JSON as stored (`storage: redis`: as read, to see a change).
+    json: String,
     /// The object as PUT (host, port and scheme normalised; other fields kept as metadata).
     fields: Map<String, Value>,
     expires: Instant,
@@ -40,6 +46,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Wakes the expiry loop when an entry is added (its deadline may be the next).
     changed: Notify,
+    /// The Redis side of `storage: redis` registries (made on first use).
+    shared: Mutex<Option<Arc<SharedRegistry>>>,
 }
 
 /// The longest id and the largest body a PUT may carry.
@@ -54,6 +62,21 @@ impl Registry {
             entries: Mutex::new(HashMap::new()),
             metrics,
             changed: Notify::new(),
+            shared: Mutex::new(None),
+        }
+    }
+
+    /// The Redis client for the running `store.redis` (a new one if it changed).
+    fn shared(&self, runtime: &Runtime) -> Arc<SharedRegistry> {
+        let settings = &runtime.config.store.redis;
+        let mut slot = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Some(s) if s.settings() == settings => s.clone(),
+            _ => {
+                let s = Arc::new(SharedRegistry::new(settings));
+                *slot = Some(s.clone());
+                s
+            }
         }
     }
 
@@ -100,8 +123,141 @@ impl Registry {
         id: &str,
         body: &[u8],
     ) -> Result<(Value, bool), RegistryError> {
-        let liveness = liveness(runtime, cluster)?;
+        let (liveness, storage) = settings(runtime, cluster)?;
         check_id(id)?;
+        let (upstream, mut fields) = parse_entry(body).await?;
+        let json = Value::Object(fields.clone()).to_string();
+        if storage == RegistryStorage::Redis {
+            self.shared(runtime)
+                .put(cluster, id, &json, liveness)
+                .await
+                .map_err(RegistryError::Unavailable)?;
+        }
+        let expires = Instant::now() + liveness;
+        let changed = self.insert(cluster, id, upstream, fields.clone(), json, expires, true);
+        self.changed.notify_one();
+        fields.insert(
+            "expires_in_ms".into(),
+            Value::from(liveness.as_millis() as u64),
+        );
+        Ok((Value::Object(fields), changed))
+    }
+
+    /// Adds or replaces an entry; whether routing must change. `counted`: a registration
+    /// made here (counted and logged as registered or renewed).
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        cluster: &str,
+        id: &str,
+        upstream: Upstream,
+        fields: Map<String, Value>,
+        json: String,
+        expires: Instant,
+        counted: bool,
+    ) -> bool {
+        let mut entries = self.lock();
+        let cluster_entries = entries.entry(cluster.to_string()).or_default();
+        let changed = cluster_entries
+            .get(id)
+            .is_none_or(|e| e.upstream.url != upstream.url || e.upstream.weight != upstream.weight);
+        let first = !cluster_entries.contains_key(id);
+        if first {
+            log::info!("registry: {cluster}/{id} registered ({})", upstream.url);
+        } else if changed {
+            log::info!("registry: {cluster}/{id} now {}", upstream.url);
+        }
+        cluster_entries.insert(
+            id.to_string(),
+            Entry {
+                upstream,
+                json,
+                fields,
+                expires,
+            },
+        );
+        if counted {
+            self.event(cluster, if first { "registered" } else { "renewed" });
+        }
+        changed
+    }
+
+    /// `storage: redis` clusters: reads every live entry from Redis and makes the local view
+    /// match it; whether routing must change. Expiries removed by this read are logged and
+    /// counted here; a Redis that does not answer leaves the view as it is.
+    pub async fn sync_shared(&self, runtime: &Runtime) -> bool {
+        let mut changed = false;
+        for c in &runtime.clusters {
+            if c.settings.registry.as_ref().map(|r| r.storage) != Some(RegistryStorage::Redis) {
+                continue;
+            }
+            let Ok((expired, live)) = self.shared(runtime).live(&c.name).await else {
+                continue;
+            };
+            for id in &expired {
+                log::warn!(
+                    "registry: {}/{id} expired: no renewal within its liveness",
+                    c.name
+                );
+                self.event(&c.name, "expired");
+            }
+            let now = Instant::now();
+            let known: HashMap<String, String> = self
+                .lock()
+                .get(&*c.name)
+                .map(|e| {
+                    e.iter()
+                        .map(|(id, e)| (id.clone(), e.json.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (id, json, left_ms) in &live {
+                let expires = now + Duration::from_millis(*left_ms);
+                if known.get(id) == Some(json) {
+                    if let Some(e) = self.lock().get_mut(&*c.name).and_then(|m| m.get_mut(id)) {
+                        e.expires = expires;
+                    }
+                    continue;
+                }
+                match parse_entry(json.as_bytes()).await {
+                    Ok((upstream, fields)) => {
+                        changed |= self.insert(
+                            &c.name,
+                            id,
+                            upstream,
+                            fields,
+                            json.clone(),
+                            expires,
+                            false,
+                        );
+                    }
+                    Err(e) => log::warn!("registry: {}/{id} in Redis is not usable: {e:?}", c.name),
+                }
+            }
+            let mut entries = self.lock();
+            if let Some(list) = entries.get_mut(&*c.name) {
+                list.retain(|id, e| {
+                    let stays = live.iter().any(|(l, _, _)| l == id);
+                    if !stays {
+                        log::info!(
+                            "registry: {}/{id} ({}) left (expired or deleted)",
+                            c.name,
+                            e.upstream.url
+                        );
+                        changed = true;
+                    }
+                    stays
+                });
+            }
+        }
+        changed
+    }
+}
+
+/// A registration body (a JSON object with host, port, optional scheme and weight) as a
+/// resolved node and its fields (host, port, scheme and weight normalised).
+async fn parse_entry(body: &[u8]) -> Result<(Upstream, Map<String, Value>), RegistryError> {
+    {
         let mut fields = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(bad("the body must be a JSON object with host and port")),
@@ -161,49 +317,25 @@ impl Registry {
         fields.insert("port".into(), Value::from(port));
         fields.insert("scheme".into(), Value::String(scheme_name.into()));
         fields.insert("weight".into(), Value::from(weight));
-        let expires = Instant::now() + liveness;
-        let changed;
-        {
-            let mut entries = self.lock();
-            let cluster_entries = entries.entry(cluster.to_string()).or_default();
-            changed = cluster_entries.get(id).is_none_or(|e| {
-                e.upstream.url != upstream.url || e.upstream.weight != upstream.weight
-            });
-            let first = !cluster_entries.contains_key(id);
-            if first {
-                log::info!(
-                    "registry: {cluster}/{id} registered ({}), liveness {liveness:?}",
-                    upstream.url
-                );
-            } else if changed {
-                log::info!("registry: {cluster}/{id} now {}", upstream.url);
-            }
-            cluster_entries.insert(
-                id.to_string(),
-                Entry {
-                    upstream,
-                    fields: fields.clone(),
-                    expires,
-                },
-            );
-            self.event(cluster, if first { "registered" } else { "renewed" });
-        }
-        self.changed.notify_one();
-        fields.insert(
-            "expires_in_ms".into(),
-            Value::from(liveness.as_millis() as u64),
-        );
-        Ok((Value::Object(fields), changed))
+        Ok((upstream, fields))
     }
+}
 
+impl Registry {
     /// `DELETE /registry/{cluster}/{id}`: whether an entry was removed.
-    pub fn delete(
+    pub async fn delete(
         &self,
         runtime: &Runtime,
         cluster: &str,
         id: &str,
     ) -> Result<bool, RegistryError> {
-        liveness(runtime, cluster)?;
+        let (_, storage) = settings(runtime, cluster)?;
+        if storage == RegistryStorage::Redis {
+            self.shared(runtime)
+                .delete(cluster, id)
+                .await
+                .map_err(RegistryError::Unavailable)?;
+        }
         let removed = self.lock().get_mut(cluster).and_then(|e| e.remove(id));
         if let Some(e) = &removed {
             log::info!("registry: {cluster}/{id} ({}) deleted", e.upstream.url);
@@ -214,7 +346,7 @@ impl Registry {
 
     /// `GET /registry/{cluster}`: `{id: {host, port, ..., expires_in_ms}}`.
     pub fn list(&self, runtime: &Runtime, cluster: &str) -> Result<Value, RegistryError> {
-        liveness(runtime, cluster)?;
+        settings(runtime, cluster)?;
         let now = Instant::now();
         let entries = self.lock();
         let mut out = Map::new();
@@ -242,11 +374,19 @@ impl Registry {
 
     /// Removes the entries whose liveness ran out by `now`; the next deadline, if any.
     /// `expired` is whether any was removed.
-    pub fn sweep(&self, now: Instant) -> (bool, Option<Instant>) {
+    pub fn sweep(&self, runtime: &Runtime, now: Instant) -> (bool, Option<Instant>) {
         let mut expired = false;
         let mut next: Option<Instant> = None;
         let mut entries = self.lock();
         for (cluster, list) in entries.iter_mut() {
+            // A shared registry's entries expire in Redis (`sync_shared`).
+            let shared = runtime
+                .cluster_index(cluster)
+                .and_then(|i| runtime.cluster(i).settings.registry.as_ref())
+                .is_some_and(|r| r.storage == RegistryStorage::Redis);
+            if shared {
+                continue;
+            }
             list.retain(|id, e| {
                 if e.expires <= now {
                     log::warn!(
@@ -287,12 +427,15 @@ fn bad(why: &str) -> RegistryError {
     RegistryError::Bad(why.to_string())
 }
 
-/// The liveness of `cluster`'s registry in the running config.
-fn liveness(runtime: &Runtime, cluster: &str) -> Result<Duration, RegistryError> {
+/// The liveness and storage of `cluster`'s registry in the running config.
+fn settings(
+    runtime: &Runtime,
+    cluster: &str,
+) -> Result<(Duration, RegistryStorage), RegistryError> {
     runtime
         .cluster_index(cluster)
         .and_then(|i| runtime.cluster(i).settings.registry.as_ref())
-        .map(|r| r.liveness)
+        .map(|r| (r.liveness, r.storage))
         .ok_or_else(|| {
             RegistryError::NoRegistry(format!(
                 "cluster `{cluster}` has no registry (clusters.{cluster}.registry in the config)"
@@ -325,7 +468,10 @@ mod tests {
         config.clusters.insert(
             "api".into(),
             ClusterConfig {
-                registry: Some(RegistryConfig { liveness }),
+                registry: Some(RegistryConfig {
+                    liveness,
+                    storage: RegistryStorage::Memory,
+                }),
                 ..Default::default()
             },
         );
@@ -347,9 +493,9 @@ mod tests {
         let (_, changed) = reg.put(&rt, "api", "n1", body).await.expect("renew");
         assert!(!changed, "a renewal changes no routing");
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(!reg.sweep(Instant::now()).0, "renewed 6 s ago");
+        assert!(!reg.sweep(&rt, Instant::now()).0, "renewed 6 s ago");
         tokio::time::advance(Duration::from_secs(4)).await;
-        let (expired, next) = reg.sweep(Instant::now());
+        let (expired, next) = reg.sweep(&rt, Instant::now());
         assert!(expired);
         assert!(next.is_none());
         assert!(reg.members()["api"].is_empty());
