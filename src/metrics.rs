@@ -151,6 +151,8 @@ pub struct Metrics {
     pub upstream_healthy: IntGaugeVec,
     /// Health-check probes by cluster, node and result: ok | failed.
     pub health_checks: IntCounterVec,
+    /// DNS discovery lookups by cluster and result: ok | failed.
+    pub dns_lookups: IntCounterVec,
     pub reloads: IntCounterVec,
     /// ACME certificate orders (first issue and renewals) by result: ok | failed.
     pub acme_orders: IntCounterVec,
@@ -436,6 +438,18 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let dns_lookups = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "weir_dns_lookups_total",
+                    "DNS discovery lookups per cluster by result: ok, failed (a failed or \
+                     empty answer keeps the nodes of the last good one)",
+                ),
+                &["cluster", "result"],
+            )
+            .expect("valid metric"),
+        );
         let reloads = register(
             &r,
             IntCounterVec::new(
@@ -577,6 +591,7 @@ impl Metrics {
             registry_events,
             upstream_healthy,
             health_checks,
+            dns_lookups,
             reloads,
             acme_orders,
             acme_certificate_expiry,

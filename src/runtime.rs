@@ -106,7 +106,7 @@ impl Runtime {
         let mut clusters = Vec::with_capacity(config.clusters.len() + 1);
         for (name, statics, settings) in config.cluster_list() {
             let mut upstreams: Vec<Upstream> = statics.to_vec();
-            if settings.registry.is_some() {
+            if settings.registry.is_some() || settings.dns.is_some() {
                 for u in members.get(name).into_iter().flatten() {
                     if !upstreams.iter().any(|s| s.url == u.url) {
                         upstreams.push(u.clone());

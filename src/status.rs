@@ -92,6 +92,8 @@ pub struct ClusterStatus {
     pub nodes: usize,
     pub registered: usize,
     pub registry: bool,
+    /// What DNS discovery looks up (`name:port` or the SRV name).
+    pub dns: Option<String>,
     pub health_check: bool,
     /// Its routes as `host/path_prefix*` (in match order).
     pub routes: Vec<String>,
@@ -136,6 +138,15 @@ pub fn status(gateway: &Gateway, started: &Started) -> Status {
             nodes: cluster.nodes.len(),
             registered: dynamic.map_or(0, Vec::len),
             registry: cluster.settings.registry.is_some(),
+            dns: cluster
+                .settings
+                .dns
+                .as_ref()
+                .map(|d| match (&d.name, d.port, &d.srv) {
+                    (Some(n), Some(p), _) => format!("{n}:{p}"),
+                    (_, _, Some(s)) => format!("SRV {s}"),
+                    _ => String::new(),
+                }),
             health_check: cluster.settings.health_check.is_some(),
             routes: state
                 .routes

@@ -280,3 +280,117 @@ async fn a_node_failing_its_health_check_loses_traffic_before_a_client_request_f
     let m = gw.metrics().await;
     assert!(m.sum_or_zero("weir_health_checks_total", &[("result", "failed")]) >= 1.0);
 }
+
+/// GETs `target` (Host `host`) until `want(node)` holds for the answering node (`None`: not
+/// answered by a node); bounded by 10 s.
+async fn until(gw: &Gateway, host: &str, target: &str, want: impl Fn(Option<&str>) -> bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let resp = gw.send(&Request::get(target).header("Host", host)).await;
+        let node = match resp.status {
+            200 => resp.node(),
+            _ => None,
+        };
+        if want(node) {
+            return;
+        }
+        assert!(
+            start.elapsed() < SOON,
+            "{host}{target}: still {} from {node:?}\n{}",
+            resp.status,
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_follows_a_and_srv_records_and_keeps_the_last_good_answer() {
+    use std::net::{IpAddr, Ipv4Addr};
+    use support::dns::DnsServer;
+    let dns = DnsServer::start().await;
+    let d = Upstream::start("d").await;
+    let n1 = Upstream::start("n1").await;
+    let n2 = Upstream::start("n2").await;
+    let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    dns.set_srv(
+        "_http._tcp.web.test",
+        &[("n1.web.test", n1.port(), 1), ("n2.web.test", n2.port(), 1)],
+        1,
+    );
+    dns.set_addresses("n1.web.test", &[local], 1);
+    dns.set_addresses("n2.web.test", &[local], 1);
+    let gw = Gateway::builder()
+        .upstream(&d)
+        .yaml(&format!(
+            "clusters:\n  \
+             api: {{dns: {{name: api.test, port: {}, refresh: 1s, server: \"{}\"}}}}\n  \
+             web: {{dns: {{srv: _http._tcp.web.test, refresh: 10s, server: \"{}\"}}}}\n\
+             routes:\n  - {{host: api.test, cluster: api}}\n  - {{host: web.test, cluster: web}}",
+            n1.port(),
+            dns.addr,
+            dns.addr
+        ))
+        .start()
+        .await;
+    // SRV: both targets, on the ports of their records.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..200 {
+        if let Some(n) = gw
+            .send(&Request::get(&format!("/s/{i}")).header("Host", "web.test"))
+            .await
+            .node()
+        {
+            seen.insert(n.to_string());
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["n1", "n2"]);
+    // The SRV set shrinks; after its 1 s TTL (well before the 10 s refresh) only n2 is left.
+    dns.set_srv("_http._tcp.web.test", &[("n2.web.test", n2.port(), 1)], 1);
+    gw.wait_for_stderr(&format!("_http._tcp.web.test -> [\"{}\"]", n2.url()))
+        .await;
+    for i in 0..20 {
+        let resp = gw
+            .send(&Request::get(&format!("/t/{i}")).header("Host", "web.test"))
+            .await;
+        assert_eq!(resp.node(), Some("n2"), "{}", resp.text());
+    }
+
+    // A: no record yet, so the cluster has no node; then the record appears.
+    assert_eq!(
+        gw.send(&Request::get("/a").header("Host", "api.test"))
+            .await
+            .status,
+        503
+    );
+    dns.set_addresses("api.test", &[local], 1);
+    until(&gw, "api.test", "/a", |n| n == Some("n1")).await;
+    // The server fails: the last good answer stays.
+    dns.set_failing(true);
+    gw.wait_for_stderr("lookup of api.test failed").await;
+    for _ in 0..10 {
+        assert_eq!(
+            gw.send(&Request::get("/a").header("Host", "api.test"))
+                .await
+                .node(),
+            Some("n1")
+        );
+    }
+    let m = gw.metrics().await;
+    assert!(
+        m.sum_or_zero(
+            "weir_dns_lookups_total",
+            &[("cluster", "api"), ("result", "failed")]
+        ) >= 1.0
+    );
+    // It answers again, with another address: n1 is no longer used.
+    dns.set_failing(false);
+    dns.set_addresses("api.test", &[IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))], 1);
+    gw.wait_for_stderr("api.test resolves again").await;
+    until(&gw, "api.test", "/a", |n| n.is_none()).await;
+    assert!(dns.queries() > 3);
+    assert_eq!(d.count(), 0, "nothing fell through to the default cluster");
+}

@@ -152,7 +152,8 @@ async fn every_metric_the_dashboard_queries_is_exported_and_every_family_is_show
         .upstream(&a)
         .yaml(
             "clusters:\n  default: {health_check: {kind: tcp, interval: 200ms, timeout: 100ms}}\n  \
-             api: {registry: {liveness: 30s}}",
+             api: {registry: {liveness: 30s}}\n  \
+             names: {dns: {name: nodes.test, port: 80, refresh: 1s, server: \"127.0.0.1:9\"}}",
         )
         .start()
         .await;
@@ -161,13 +162,10 @@ async fn every_metric_the_dashboard_queries_is_exported_and_every_family_is_show
         format!(r#"{{"host":"127.0.0.1","port":{}}}"#, a.port()),
     );
     assert_eq!(gw.admin_send(&put).await.status, 200);
-    gw.wait_for_metric(
-        "weir_health_checks_total",
-        &[],
-        |v| v >= 1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    for family in ["weir_health_checks_total", "weir_dns_lookups_total"] {
+        gw.wait_for_metric(family, &[], |v| v >= 1.0, Duration::from_secs(10))
+            .await;
+    }
     let m = gw.metrics().await;
 
     let mut exprs = Vec::new();

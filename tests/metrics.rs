@@ -91,18 +91,22 @@ const DESIGN: [(&str, &str, &[&str]); 18] = [
     (
         "weir_upstream_attempts_total",
         "counter",
-        &["result", "upstream"],
+        &["cluster", "result", "upstream"],
     ),
-    ("weir_upstream_error_rate", "gauge", &["upstream"]),
+    (
+        "weir_upstream_error_rate",
+        "gauge",
+        &["cluster", "upstream"],
+    ),
     (
         "weir_upstream_selection_probability",
         "gauge",
-        &["upstream"],
+        &["cluster", "upstream"],
     ),
     (
         "weir_upstream_response_duration_seconds",
         "histogram",
-        &["upstream"],
+        &["cluster", "upstream"],
     ),
     ("weir_retries_total", "counter", &["reason"]),
     ("weir_deferred_queue_depth", "gauge", &["queue"]),
@@ -252,6 +256,8 @@ async fn label_values_stay_in_their_closed_sets_after_mixed_traffic() {
         for (k, v) in &s.labels {
             match k.as_str() {
                 "upstream" => assert!(urls.contains(v), "unknown upstream label {v}"),
+                // No clusters configured: every node is in `default`.
+                "cluster" => assert_eq!(v, "default", "{}", s.name),
                 "le" | "version" => {}
                 _ => {
                     let allowed = LABEL_VALUES

@@ -24,7 +24,8 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_chang
         .upstreams([&a, &b])
         .yaml(
             "deferred_queue: {enabled: true}\nclusters:\n  api: {registry: {liveness: 5m}, \
-             health_check: {kind: tcp, interval: 200ms, timeout: 100ms}}",
+             health_check: {kind: tcp, interval: 200ms, timeout: 100ms}}\n  \
+             names: {dns: {name: nodes.test, port: 80, refresh: 1s, server: \"127.0.0.1:9\"}}",
         )
         .start()
         .await;

@@ -29,6 +29,9 @@ pub struct ClusterConfig {
     /// Nodes may register themselves on the admin listener (`PUT /registry/{cluster}/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
+    /// Nodes found in DNS (A/AAAA of `name`, or the SRV records of `srv`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
     /// Active health checks of every node of the cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
@@ -73,6 +76,62 @@ impl Default for RegistryConfig {
         RegistryConfig {
             liveness: Duration::from_secs(30),
             storage: RegistryStorage::Memory,
+        }
+    }
+}
+
+/// `dns:` of a cluster: `{name, port}` (A and AAAA records) or `{srv}` (SRV records, with
+/// their ports and weights).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a dns map: name and port, or srv; refresh, server, scheme"
+)]
+pub struct DnsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srv: Option<String>,
+    /// Records are looked up again when their TTL runs out, and at least this often.
+    #[serde(with = "units::positive_duration")]
+    pub refresh: Duration,
+    /// The DNS server (`ip` or `ip:port`); default: the system's (/etc/resolv.conf).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// How the nodes found are spoken to.
+    pub scheme: super::Scheme,
+}
+
+impl DnsConfig {
+    pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+    pub const MAX_REFRESH: Duration = Duration::from_secs(3600);
+
+    /// The server as a socket address (port 53 when not given); `Err` with the reason.
+    pub fn server_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let Some(s) = &self.server else {
+            return Ok(None);
+        };
+        if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+            return Ok(Some(a));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Some(std::net::SocketAddr::new(ip, 53)))
+            .map_err(|_| format!("`{s}` is not an IP address or ip:port"))
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            name: None,
+            port: None,
+            srv: None,
+            refresh: Duration::from_secs(30),
+            server: None,
+            scheme: super::Scheme::Http,
         }
     }
 }

@@ -221,8 +221,8 @@ impl Default for AcmeConfig {
 /// The default ACME renewal margin.
 pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "`http` or `https`")]
 pub enum Scheme {
     Http,
     Https,
@@ -837,6 +837,13 @@ impl Config {
                     ", registry with liveness {}",
                     units::format_duration(r.liveness)
                 ));
+            }
+            if let Some(dns) = &settings.dns {
+                match (&dns.name, dns.port, &dns.srv) {
+                    (Some(n), Some(p), _) => d.push_str(&format!(", DNS {n}:{p}")),
+                    (_, _, Some(s)) => d.push_str(&format!(", DNS SRV {s}")),
+                    _ => {}
+                }
             }
             if let Some(h) = &settings.health_check {
                 let what = match h.kind {

@@ -9,7 +9,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::clusters::{is_cluster_name, CheckKind, HealthCheck, RegistryConfig, RegistryStorage};
+use super::clusters::{
+    is_cluster_name, CheckKind, DnsConfig, HealthCheck, RegistryConfig, RegistryStorage,
+};
 use super::units::format_size;
 use super::values::{check_header, host_port, is_host_name};
 use super::{
@@ -308,7 +310,7 @@ impl Config {
         let registered = self
             .clusters
             .get(DEFAULT_CLUSTER)
-            .is_some_and(|c| c.registry.is_some());
+            .is_some_and(|c| c.registry.is_some() || c.dns.is_some());
         if self.upstreams.is_empty() && !registered {
             return Err(Finding::new(at!("upstreams"), "no upstreams configured"));
         }
@@ -330,11 +332,68 @@ impl Config {
                     "the default cluster's nodes are the top-level `upstreams`; list them there",
                 ));
             }
-            if name != DEFAULT_CLUSTER && c.upstreams.is_empty() && c.registry.is_none() {
+            if name != DEFAULT_CLUSTER
+                && c.upstreams.is_empty()
+                && c.registry.is_none()
+                && c.dns.is_none()
+            {
                 return Err(Finding::new(
                     at!("clusters", name),
-                    format!("cluster `{name}` has no nodes: give it `upstreams` or a `registry`"),
+                    format!(
+                        "cluster `{name}` has no nodes: give it `upstreams`, a `registry` or `dns`"
+                    ),
                 ));
+            }
+            if let Some(d) = &c.dns {
+                let at_dns = |key: &str| at!("clusters", name, "dns", key);
+                match (&d.name, &d.srv) {
+                    (Some(_), Some(_)) | (None, None) => return Err(Finding::new(
+                        at!("clusters", name, "dns"),
+                        "give either `name` (with `port`: A/AAAA records) or `srv` (SRV records)",
+                    )),
+                    (Some(n), None) => {
+                        if !is_host_name(n.trim_end_matches('.')) {
+                            return Err(Finding::new(
+                                at_dns("name"),
+                                format!("`{n}` is not a host name"),
+                            ));
+                        }
+                        if d.port.is_none_or(|p| p == 0) {
+                            return Err(Finding::new(
+                                at!("clusters", name, "dns"),
+                                "`name` needs a `port` (1-65535); SRV records carry their own",
+                            ));
+                        }
+                    }
+                    (None, Some(s)) => {
+                        if !is_host_name(
+                            s.trim_end_matches('.')
+                                .trim_start_matches('_')
+                                .replace("._", ".")
+                                .as_str(),
+                        ) {
+                            return Err(Finding::new(
+                                at_dns("srv"),
+                                format!("`{s}` is not an SRV name (_service._proto.name)"),
+                            ));
+                        }
+                        if d.port.is_some() {
+                            return Err(Finding::new(
+                                at_dns("port"),
+                                "SRV records carry their own ports; remove `port`",
+                            ));
+                        }
+                    }
+                }
+                let (lo, hi) = (DnsConfig::MIN_REFRESH, DnsConfig::MAX_REFRESH);
+                if d.refresh < lo || d.refresh > hi {
+                    return Err(Finding::new(
+                        at_dns("refresh"),
+                        format!("must be between {lo:?} and {hi:?}"),
+                    ));
+                }
+                d.server_addr()
+                    .map_err(|why| Finding::new(at_dns("server"), why))?;
             }
             check_node_list(&c.upstreams, &["clusters", name, "upstreams"], warnings)?;
             if let Some(r) = &c.registry {

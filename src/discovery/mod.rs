@@ -7,6 +7,7 @@
 //! reload. A reload builds from the new file and the same members, so entries survive it.
 //! Requests in flight keep the runtime they started on: a node that leaves is drained, not cut.
 
+pub mod dns;
 pub mod health;
 pub mod registry;
 pub mod shared;
@@ -24,6 +25,7 @@ pub struct Discovery {
     metrics: Arc<Metrics>,
     pub registry: Registry,
     pub health: health::Health,
+    pub dns: dns::Dns,
     /// Serialises rebuilds (membership changes and reloads).
     rebuild: Mutex<()>,
 }
@@ -34,6 +36,7 @@ impl Discovery {
             cell,
             registry: Registry::new(metrics.clone()),
             health: health::Health::default(),
+            dns: dns::Dns::default(),
             metrics,
             rebuild: Mutex::new(()),
         }
@@ -44,9 +47,13 @@ impl Discovery {
         self.rebuild.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The nodes that joined at run time, by cluster.
+    /// The nodes that joined at run time (registry, DNS), by cluster.
     pub fn members(&self) -> Members {
-        self.registry.members()
+        let mut m = self.registry.members();
+        for (cluster, nodes) in self.dns.members() {
+            m.entry(cluster).or_default().extend(nodes);
+        }
+        m
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -93,6 +100,26 @@ impl Discovery {
                 tokio::time::sleep(HEALTH_TICK).await;
             }
         };
+        let dns = async {
+            loop {
+                let runtime = self.runtime();
+                if self
+                    .dns
+                    .tick(&runtime, &self.metrics, tokio::time::Instant::now())
+                    .await
+                {
+                    self.rebuild();
+                }
+                drop(runtime);
+                // The next lookup due, looked at again at least every DNS_TICK (a reload may
+                // add a cluster).
+                let wake = self.dns.next_due().map_or(DNS_TICK, |at| {
+                    at.saturating_duration_since(tokio::time::Instant::now())
+                        .min(DNS_TICK)
+                });
+                tokio::time::sleep(wake).await;
+            }
+        };
         let shared = async {
             loop {
                 let runtime = self.runtime();
@@ -107,6 +134,7 @@ impl Discovery {
             _ = expiry => {}
             _ = health => {}
             _ = shared => {}
+            _ = dns => {}
             _ = stop => {}
         }
     }
@@ -115,6 +143,9 @@ impl Discovery {
 /// How often the instances read the shared (`storage: redis`) registries: a node registered
 /// on one instance is routed by the others within this.
 const SHARED_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The longest the DNS loop sleeps between two looks at what is due.
+const DNS_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How often the loop looks whether a cluster's health check is due (its interval's
 /// granularity).

@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod dns;
 pub mod gateway;
 pub mod metrics;
 pub mod pki;
