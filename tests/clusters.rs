@@ -394,3 +394,36 @@ async fn dns_discovery_follows_a_and_srv_records_and_keeps_the_last_good_answer(
     assert!(dns.queries() > 3);
     assert_eq!(d.count(), 0, "nothing fell through to the default cluster");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_on_a_deleted_node_finishes() {
+    let d = Upstream::start("d").await;
+    let n1 = Upstream::start("n1").await;
+    let gw = Gateway::builder()
+        .upstream(&d)
+        .yaml(
+            "clusters:\n  api: {registry: {liveness: 5m}}\n\
+             routes:\n  - {path_prefix: /api/, cluster: api}",
+        )
+        .start()
+        .await;
+    assert_eq!(gw.admin_send(&register("n1", &n1)).await.status, 200);
+    n1.hold();
+    let addr = gw.addr();
+    let in_flight =
+        tokio::spawn(async move { support::client::send(addr, &Request::get("/api/slow")).await });
+    n1.wait_for_count(1, SOON).await;
+    let resp = gw
+        .admin_send(&Request::new("DELETE", "/registry/api/n1"))
+        .await;
+    assert_eq!(resp.status, 204);
+    assert_eq!(
+        gw.get("/api/next").await.status,
+        503,
+        "out of routing at once"
+    );
+    n1.release();
+    let resp = in_flight.await.expect("join").expect("answered");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.node(), Some("n1"));
+}

@@ -393,7 +393,7 @@ impl Router {
     /// P(first attempt = node) now; sums to 1 (empty for an empty router).
     pub fn selection_probabilities(&self) -> Vec<f64> {
         let n = self.slots.len();
-        let weights: Vec<f64> = match self.settings.algorithm {
+        let mut weights: Vec<f64> = match self.settings.algorithm {
             Algorithm::Feedback => {
                 let mut ctx = FeedbackPass::new(self);
                 (0..n).map(|i| ctx.weight(i)).collect()
@@ -403,6 +403,15 @@ impl Router {
                 (0..n).map(|i| self.serviceq_weight(i, em)).collect()
             }
         };
+        // Nodes failing their health check get no first attempt while another passes.
+        let down = |i: usize| self.health_checked && self.slots[i].state.is_down();
+        if (0..n).any(down) && !(0..n).all(down) {
+            for (i, w) in weights.iter_mut().enumerate() {
+                if down(i) {
+                    *w = 0.0;
+                }
+            }
+        }
         let sum: f64 = weights.iter().sum();
         if sum > 0.0 && sum.is_finite() {
             weights.iter().map(|w| w / sum).collect()

@@ -712,3 +712,34 @@ fn abandoned_attempts_raise_the_routing_latency_but_not_the_answered_one() {
     assert_eq!(r.latency(1), Some(Duration::from_millis(100)));
     assert_eq!(r.answered_latency(1), Some(MS));
 }
+
+#[test]
+fn a_node_failing_its_health_check_gets_no_attempt_while_another_passes() {
+    let clock = Arc::new(ManualClock::new());
+    let mut r = Router::new(&[1, 1, 1], RouterSettings::default(), clock);
+    r.set_health_checked(true);
+    assert!(r.set_down(1, true));
+    assert!(!r.set_down(1, true), "no change the second time");
+    for i in 0..1000 {
+        let rand = f64::from(i) / 1000.0;
+        assert_ne!(r.select(&[], rand), Some(1), "rand {rand}");
+        // A retry after node 0 failed still avoids it while node 2 is left.
+        assert_eq!(r.select(&[0], rand), Some(2));
+    }
+    // Every other node tried: the failing one is the last resort.
+    assert_eq!(r.select(&[0, 2], 0.5), Some(1));
+    assert_eq!(r.selection_probabilities()[1], 0.0);
+    // All down: the rule steps aside.
+    r.set_down(0, true);
+    r.set_down(2, true);
+    assert!(r.select(&[], 0.5).is_some());
+    assert!(r.selection_probabilities().iter().all(|p| *p > 0.0));
+    // Without health checks the flag is ignored.
+    r.set_down(0, false);
+    r.set_down(2, false);
+    r.set_health_checked(false);
+    let picked: std::collections::BTreeSet<_> = (0..100)
+        .filter_map(|i| r.select(&[], f64::from(i) / 100.0))
+        .collect();
+    assert_eq!(picked.len(), 3);
+}

@@ -103,14 +103,10 @@ impl DnsServer {
             };
             Record::from_rdata(name(host), ttl, data)
         };
-        z.records.insert(
-            (key(host), RecordType::A),
-            v4.iter().map(&rec).collect(),
-        );
-        z.records.insert(
-            (key(host), RecordType::AAAA),
-            v6.iter().map(rec).collect(),
-        );
+        z.records
+            .insert((key(host), RecordType::A), v4.iter().map(&rec).collect());
+        z.records
+            .insert((key(host), RecordType::AAAA), v6.iter().map(rec).collect());
     }
 
     /// `srv`'s SRV records become `targets` (target host, port, weight), with `ttl` seconds.

@@ -209,3 +209,23 @@ async fn max_bytes_bounds_the_files() {
     assert_eq!(taken, 6, "six 10 KiB records fit in 64 KiB");
     assert_eq!(q.len(), 6);
 }
+
+#[test]
+fn a_push_record_keeps_its_cluster_and_one_without_reads_as_the_default() {
+    let mut e = entry(9, "/c", b"x", 5);
+    let without = encode_push(&e);
+    assert_eq!(decode(&without).expect("decodes").cluster, None);
+    e.cluster = Some(std::sync::Arc::from("api"));
+    let with = encode_push(&e);
+    assert_eq!(
+        with.len(),
+        without.len() + 4 + 3,
+        "a trailing field: what an older log lacks"
+    );
+    assert_eq!(
+        decode(&with).expect("decodes").cluster.as_deref(),
+        Some("api")
+    );
+    // A cut inside the trailing field is a corrupt record, not a default cluster.
+    assert!(decode(&with[..with.len() - 1]).is_err());
+}
