@@ -193,7 +193,13 @@ async fn printed_configs_read_back_to_the_same_config() {
          upstreams: [http://127.0.0.1:9001, {url: http://127.0.0.1:9002, weight: 3}]\n\
          timeouts: {request: off, keepalive: off}\n\
          upfront_queue: {enabled: true, formats: [POST /events]}\n\
-         response_headers: {Server: weir, X-Num: 42}\nlog: {error_file: off}\n",
+         response_headers: {Server: weir, X-Num: 42}\nlog: {error_file: off}\n\
+         clusters:\n  api: {upstreams: [http://127.0.0.1:9003], registry: {liveness: 10s}, \
+         health_check: {kind: http, path: /up, interval: 1s}, timeouts: {request: 2s}, \
+         retries: {max_attempts: 2}}\n  \
+         names: {dns: {srv: _http._tcp.api.test, refresh: 5s, server: \"127.0.0.1:5353\"}}\n\
+         routes:\n  - {host: \"*.example.com\", path_prefix: /v2/, cluster: api}\n  \
+         - {path_prefix: /n/, cluster: names}\n",
     );
     let props = write(
         dir.path(),
