@@ -15,6 +15,9 @@
 //!   proxy reads them, then weir's own request handling: the refusals of `respond::malformed`,
 //!   body framing and capture, the client's ids, the forwarding policy (live and replayed from
 //!   a queued entry) and the admin listener's Host and token checks.
+//! - [`registry_entry`]: the body of a `PUT /registry/{cluster}/{id}`. A body is refused with a
+//!   reason, or its normalised fields say the same node again when checked once more, and the
+//!   node's URL is an upstream URL that parses to that host, port and scheme.
 //!
 //! A broken invariant panics with what was broken. Upstream names are not resolved on a thread
 //! that ran a target (see [`crate::config::values`]), so a run touches no network.
@@ -915,4 +918,39 @@ fn admin_host_named(raw: &[u8]) -> bool {
         || host
             .parse::<IpAddr>()
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+// === registry_entry ===
+
+pub fn registry_entry(data: &[u8]) {
+    use crate::discovery::registry::check_entry;
+    use crate::discovery::RegistryError;
+    resolve_offline(true);
+    match check_entry(data) {
+        Err(RegistryError::Bad(why)) => assert!(!why.is_empty(), "a refusal without a reason"),
+        Err(other) => panic!("a body check answered {other:?}"),
+        Ok((url, weight, fields)) => {
+            assert!((1..=1000).contains(&weight), "weight {weight}");
+            let u = crate::config::values::parse_upstream(&url)
+                .unwrap_or_else(|e| panic!("a registered node's URL {url:?} does not parse: {e}"));
+            assert_eq!(u.url, url, "the URL is already normalised");
+            assert_eq!(
+                fields.get("host").and_then(|h| h.as_str()),
+                Some(u.host.as_str())
+            );
+            assert_eq!(
+                fields.get("port").and_then(|p| p.as_u64()),
+                Some(u64::from(u.port))
+            );
+            // The stored entry (as Redis keeps it, as GET lists it) checks again to the same.
+            let again = serde_json::Value::Object(fields.clone()).to_string();
+            match check_entry(again.as_bytes()) {
+                Ok((url2, weight2, fields2)) => {
+                    assert_eq!((url2, weight2), (url, weight));
+                    assert_eq!(fields2, fields, "normalising is idempotent");
+                }
+                Err(e) => panic!("a stored entry {again:?} is refused: {e:?}"),
+            }
+        }
+    }
 }

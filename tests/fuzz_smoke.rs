@@ -168,3 +168,21 @@ fn request_head_target_holds_over_its_corpus_and_mutations() {
         ],
     );
 }
+
+#[test]
+fn registry_entry_target_holds_over_its_corpus_and_mutations() {
+    smoke(
+        "registry_entry",
+        weir::fuzzing::registry_entry,
+        &[
+            b"\"host\":",
+            b"\"port\":",
+            b"\"scheme\":\"https\"",
+            b"\"weight\":",
+            b"[::1]",
+            b"65536",
+            b",",
+            b"}",
+        ],
+    );
+}

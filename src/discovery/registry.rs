@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::shared::SharedRegistry;
 use crate::config::clusters::RegistryStorage;
-use crate::config::values::{host_port, parse_upstream};
+use crate::config::values::{host_port, is_host_name, parse_upstream};
 use crate::config::{Scheme, Upstream};
 use crate::metrics::Metrics;
 use crate::runtime::{Members, Runtime};
@@ -257,68 +257,81 @@ impl Registry {
 /// A registration body (a JSON object with host, port, optional scheme and weight) as a
 /// resolved node and its fields (host, port, scheme and weight normalised).
 async fn parse_entry(body: &[u8]) -> Result<(Upstream, Map<String, Value>), RegistryError> {
-    {
-        let mut fields = match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => return Err(bad("the body must be a JSON object with host and port")),
-            Err(e) => return Err(bad(&format!("the body is not JSON: {e}"))),
-        };
-        let host = match fields.get("host") {
-            Some(Value::String(h)) if !h.trim().is_empty() => h.trim().to_string(),
-            Some(_) => return Err(bad("`host` must be a non-empty string")),
-            None => return Err(bad("`host` is missing")),
-        };
-        let port = match fields.get("port") {
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(p @ 1..=65535) => p as u16,
-                _ => return Err(bad("`port` must be a port number (1-65535)")),
-            },
-            Some(_) => return Err(bad("`port` must be a number")),
-            None => return Err(bad("`port` is missing")),
-        };
-        let scheme = match fields.get("scheme") {
-            None => Scheme::Http,
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("http") => Scheme::Http,
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("https") => Scheme::Https,
-            Some(_) => return Err(bad("`scheme` must be \"http\" or \"https\"")),
-        };
-        let weight = match fields.get("weight") {
-            None => 1,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(w @ 1..=1000) => w as u32,
-                _ => return Err(bad("`weight` must be a whole number from 1 to 1000")),
-            },
-            Some(_) => return Err(bad("`weight` must be a number")),
-        };
-        let bare = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let scheme_name = match scheme {
-            Scheme::Http => "http",
-            Scheme::Https => "https",
-        };
-        let url = format!("{scheme_name}://{}", host_port(&bare, port));
-        // A host name is resolved once here (as a configured upstream is at load), off the
-        // runtime's threads and bounded.
-        let parsed = tokio::time::timeout(
-            RESOLVE_TIMEOUT,
-            tokio::task::spawn_blocking(move || parse_upstream(&url)),
-        )
-        .await;
-        let mut upstream = match parsed {
-            Ok(Ok(Ok(u))) => u,
-            Ok(Ok(Err(e))) => return Err(bad(&e)),
-            Ok(Err(_)) => return Err(bad("the host could not be resolved")),
-            Err(_) => return Err(bad("resolving the host took longer than 2s")),
-        };
-        upstream.weight = weight;
-        fields.insert("host".into(), Value::String(upstream.host.clone()));
-        fields.insert("port".into(), Value::from(port));
-        fields.insert("scheme".into(), Value::String(scheme_name.into()));
-        fields.insert("weight".into(), Value::from(weight));
-        Ok((upstream, fields))
+    let (url, weight, fields) = check_entry(body)?;
+    // A host name is resolved once here (as a configured upstream is at load), off the
+    // runtime's threads and bounded.
+    let parsed = tokio::time::timeout(
+        RESOLVE_TIMEOUT,
+        tokio::task::spawn_blocking(move || parse_upstream(&url)),
+    )
+    .await;
+    let mut upstream = match parsed {
+        Ok(Ok(Ok(u))) => u,
+        Ok(Ok(Err(e))) => return Err(bad(&e)),
+        Ok(Err(_)) => return Err(bad("the host could not be resolved")),
+        Err(_) => return Err(bad("resolving the host took longer than 2s")),
+    };
+    upstream.weight = weight;
+    Ok((upstream, fields))
+}
+
+/// What a registration body says, checked but not resolved: the node's URL
+/// (`scheme://host:port`), its weight, and the body's fields with host (lowercase, without
+/// brackets), port, scheme and weight normalised; other fields as they were.
+pub fn check_entry(body: &[u8]) -> Result<(String, u32, Map<String, Value>), RegistryError> {
+    let mut fields = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(bad("the body must be a JSON object with host and port")),
+        Err(e) => return Err(bad(&format!("the body is not JSON: {e}"))),
+    };
+    let host = match fields.get("host") {
+        Some(Value::String(h)) if !h.trim().is_empty() => h.trim().to_string(),
+        Some(_) => return Err(bad("`host` must be a non-empty string")),
+        None => return Err(bad("`host` is missing")),
+    };
+    let port = match fields.get("port") {
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(p @ 1..=65535) => p as u16,
+            _ => return Err(bad("`port` must be a port number (1-65535)")),
+        },
+        Some(_) => return Err(bad("`port` must be a number")),
+        None => return Err(bad("`port` is missing")),
+    };
+    let scheme = match fields.get("scheme") {
+        None => Scheme::Http,
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("http") => Scheme::Http,
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("https") => Scheme::Https,
+        Some(_) => return Err(bad("`scheme` must be \"http\" or \"https\"")),
+    };
+    let weight = match fields.get("weight") {
+        None => 1,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(w @ 1..=1000) => w as u32,
+            _ => return Err(bad("`weight` must be a whole number from 1 to 1000")),
+        },
+        Some(_) => return Err(bad("`weight` must be a number")),
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(&host)
+        .to_ascii_lowercase();
+    if !bare.contains(':') && !is_host_name(&bare) {
+        return Err(bad(&format!("`{bare}` is not an IP address or host name")));
     }
+    if bare.contains(':') && bare.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(bad(&format!("`{bare}` is not an IPv6 address")));
+    }
+    let scheme_name = match scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
+    };
+    let url = format!("{scheme_name}://{}", host_port(&bare, port));
+    fields.insert("host".into(), Value::String(bare));
+    fields.insert("port".into(), Value::from(port));
+    fields.insert("scheme".into(), Value::String(scheme_name.into()));
+    fields.insert("weight".into(), Value::from(weight));
+    Ok((url, weight, fields))
 }
 
 impl Registry {
