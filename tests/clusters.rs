@@ -228,7 +228,7 @@ async fn a_node_failing_its_health_check_loses_traffic_before_a_client_request_f
         .upstreams([&a, &b])
         .yaml(
             "clusters:\n  default: {health_check: {kind: http, path: /healthz, expect: 200, \
-             interval: 200ms, timeout: 150ms}}\n\
+             interval: 500ms, timeout: 500ms}}\n\
              routing: {decay_half_life: 500ms}",
         )
         .start()
