@@ -225,12 +225,13 @@ async fn two_instances_route_to_the_nodes_registered_in_one_redis_registry() {
             format!(r#"{{"host":"127.0.0.1","port":{}}}"#, node.port()),
         )
     };
-    // Registered through A: A routes to it at once, B within a second.
+    // Registered through A: A routes to it at once, B on its next read.
     assert_eq!(a.admin_send(&put("n1", &n1)).await.status, 200);
     assert_eq!(a.get("/api/x").await.node(), Some("n1"));
+    // B reads the registry every 500 ms; the bound leaves room for a busy machine.
     let took = until_routed(&b, "/api/x", Some("n1")).await;
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(3),
         "B routed to n1 after {took:?}"
     );
     assert_eq!(
