@@ -453,42 +453,26 @@ impl ClientConn {
         metrics.rejected(why);
         metrics.request_done(status, Outcome::Rejected, elapsed.as_secs_f64());
         if let Some(sink) = &self.shared.logs.access {
-            sink.write(self.access_line(status, id.to_str().unwrap_or(""), elapsed));
+            self.write_access(sink, status, id.to_str().unwrap_or(""), elapsed);
         }
     }
 
     /// The access log line of a request refused before its head was parsed: method and target
     /// as far as they can be read.
-    fn access_line(&self, status: u16, id: &str, elapsed: Duration) -> String {
-        #[derive(serde::Serialize)]
-        struct Line<'a> {
-            ts: String,
-            id: &'a str,
-            traceparent: &'a str,
-            client: Option<String>,
-            method: String,
-            target: String,
-            status: u16,
-            outcome: &'static str,
-            upstream: Option<&'a str>,
-            attempts: usize,
-            duration_ms: f64,
-        }
+    fn write_access(&self, sink: &crate::logs::LogSink, status: u16, id: &str, elapsed: Duration) {
         let (method, target) = request_line_of(&self.note);
-        let line = Line {
-            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        sink.write_access(&crate::logs::AccessRecord {
             id,
             traceparent: "",
-            client: self.client.map(|ip| ip.to_string()),
-            method,
-            target,
+            client: self.client,
+            method: method.as_bytes(),
+            target: target.as_bytes(),
             status,
             outcome: Outcome::Rejected.label(),
             upstream: None,
             attempts: 0,
-            duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-        };
-        serde_json::to_string(&line).unwrap_or_default()
+            elapsed,
+        });
     }
 
     /// Writes what is left of weir's own answer.

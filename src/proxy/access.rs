@@ -5,42 +5,30 @@ use std::time::Duration;
 use pingora::prelude::*;
 
 use super::request::RequestCtx;
+use crate::logs::AccessRecord;
 
-/// One JSON access-log line.
-pub fn access_line(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -> String {
-    #[derive(serde::Serialize)]
-    struct Line<'a> {
-        ts: String,
-        id: &'a str,
-        traceparent: &'a str,
-        client: Option<String>,
-        method: &'a str,
-        target: String,
-        status: u16,
-        outcome: &'static str,
-        upstream: Option<&'a str>,
-        attempts: usize,
-        duration_ms: f64,
-    }
+/// The values of its access-log line (borrowed: nothing is allocated).
+pub fn record<'a>(
+    session: &'a Session,
+    ctx: &'a RequestCtx,
+    status: u16,
+    elapsed: Duration,
+) -> AccessRecord<'a> {
     let req = session.req_header();
-    let line = Line {
-        ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        id: ctx
-            .client
-            .as_ref()
+    let client = ctx.client.as_ref();
+    AccessRecord {
+        id: client
             .and_then(|c| c.request_id.to_str().ok())
             .unwrap_or(""),
-        traceparent: ctx
-            .client
-            .as_ref()
+        traceparent: client
             .and_then(|c| c.traceparent.to_str().ok())
             .unwrap_or(""),
         client: session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string()),
-        method: req.method.as_str(),
-        target: String::from_utf8_lossy(req.raw_path()).into_owned(),
+            .map(|a| a.ip()),
+        method: req.method.as_str().as_bytes(),
+        target: req.raw_path(),
         status,
         outcome: ctx.outcome.label(),
         upstream: ctx
@@ -48,7 +36,6 @@ pub fn access_line(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Du
             .last()
             .map(|&i| ctx.cluster().nodes[i].upstream.url.as_str()),
         attempts: ctx.tried.len(),
-        duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-    };
-    serde_json::to_string(&line).unwrap_or_default()
+        elapsed,
+    }
 }

@@ -682,7 +682,7 @@ impl ProxyHttp for Gateway {
         self.metrics
             .request_done(status, ctx.outcome, elapsed.as_secs_f64());
         if let Some(sink) = &self.logs.access {
-            sink.write(access::access_line(session, ctx, status, elapsed));
+            sink.write_access(&access::record(session, ctx, status, elapsed));
         }
     }
 
