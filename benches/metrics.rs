@@ -1,7 +1,8 @@
 //! Cost of weir's metric recording on the request path: one `Metrics::request_done`, one
 //! per-attempt record (`NodeMetrics::attempt_done`: attempts counter + response histogram), and
 //! a whole request of each shape (one attempt; a refused attempt, a retry and a good attempt).
-//! Also the trace-context work of each request: validating a client `traceparent` and making one.
+//! Also the trace-context work of each request: validating a client `traceparent` and making one,
+//! and the access log line: formatting it, and handing it to a log writer (to /dev/null).
 
 use std::hint::black_box;
 
@@ -47,5 +48,45 @@ fn recording(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, recording);
+fn access_log(c: &mut Criterion) {
+    use std::time::Duration;
+    use weir::logs::{AccessRecord, Logs};
+    let record = AccessRecord {
+        id: "3f2a9c0e7b1d4e5fa6c8b9d0e1f2a3b4",
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        client: Some(std::net::Ipv4Addr::new(10, 0, 0, 7).into()),
+        method: b"GET",
+        target: b"/api/v1/orders?tenant=42&page=3",
+        status: 200,
+        outcome: "proxied",
+        upstream: Some("http://10.0.0.1:8080"),
+        attempts: 1,
+        elapsed: Duration::from_micros(2_422),
+    };
+    let mut g = c.benchmark_group("access_log");
+    let mut buf = Vec::with_capacity(512);
+    g.bench_function("format_line", |bench| {
+        bench.iter(|| {
+            buf.clear();
+            black_box(&record).write_json(&mut buf);
+            black_box(buf.len())
+        })
+    });
+    let logs = Logs::start(
+        &weir::config::AccessLog::File("/dev/null".into()),
+        &weir::config::ErrorLog::Off,
+    )
+    .expect("open /dev/null");
+    let sink = logs.access.as_ref().expect("an access log");
+    g.bench_function("write_access_to_writer", |bench| {
+        bench.iter(|| sink.write_access(black_box(&record)))
+    });
+    g.finish();
+    eprintln!(
+        "access_log: {} lines dropped during the run",
+        sink.dropped()
+    );
+}
+
+criterion_group!(benches, recording, access_log);
 criterion_main!(benches);

@@ -93,6 +93,9 @@ struct Shared {
     wake: Condvar,
     dropped: AtomicU64,
     reopen: AtomicBool,
+    /// The writer waits for lines (set and cleared under the buffer's lock): only then does a
+    /// line wake it, so a writer busy writing a batch costs the request threads no wake-up.
+    waiting: AtomicBool,
 }
 
 impl Shared {
@@ -142,6 +145,7 @@ impl LogSink {
             wake: Condvar::new(),
             dropped: AtomicU64::new(0),
             reopen: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
         });
         let for_writer = shared.clone();
         let worker = Worker::new(format!("weir-{name}-log"), move || {
@@ -159,19 +163,18 @@ impl LogSink {
         if let Err(e) = self.worker.ensure() {
             log::error!("cannot start a log writer: {e}");
         }
-        let was_empty = {
+        let wake = {
             let mut buf = self.shared.lock();
             if buf.len() > MAX_PENDING {
                 drop(buf);
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            let was_empty = buf.is_empty();
             f(&mut buf);
             buf.push(b'\n');
-            was_empty
+            self.shared.waiting.swap(false, Ordering::Relaxed)
         };
-        if was_empty {
+        if wake {
             self.shared.wake.notify_one();
         }
     }
@@ -208,12 +211,14 @@ fn write_loop(shared: &Shared, target: &Target, mut out: Box<dyn Write + Send>) 
         {
             let mut buf = shared.lock();
             while buf.is_empty() && !shared.reopen.load(Ordering::Acquire) {
+                shared.waiting.store(true, Ordering::Relaxed);
                 buf = shared
                     .wake
                     .wait_timeout(buf, Duration::from_secs(1))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
+            shared.waiting.store(false, Ordering::Relaxed);
             std::mem::swap(&mut *buf, &mut spare);
         }
         let _ = out.write_all(&spare);
