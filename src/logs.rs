@@ -3,9 +3,9 @@
 //!
 //! Request threads never write files: they format their line straight into the log's shared
 //! buffer (no allocation per line: the buffer and its spare are reused), and one writer thread
-//! per log swaps the buffer out and writes it in one go. A line into an empty buffer wakes the
-//! writer; lines that arrive while it writes wait for its next swap, so a busy log is written in
-//! large batches. If the writer falls behind (more than [`MAX_PENDING`] bytes waiting), lines are
+//! per log swaps the buffer out and writes it in one go. A line wakes the writer only while it
+//! waits for lines; after each write it pauses 2 ms, so a busy log is written in large batches
+//! with no wake-up per line. If the writer falls behind (more than [`MAX_PENDING`] bytes waiting), lines are
 //! dropped and counted rather than stalling requests; the count is reported in the log itself.
 //! The access line's timestamp is formatted once per second per thread.
 
@@ -22,6 +22,10 @@ use crate::config::{AccessLog, ErrorLog};
 
 /// Bytes of lines that may wait for the writer; beyond, lines are dropped (and counted).
 pub const MAX_PENDING: usize = 8 << 20;
+/// After writing a batch the writer lets lines gather this long before it takes the next one:
+/// under load one write (and no wake-up) carries many lines; an idle log's first line is
+/// written at once.
+const BATCH_PAUSE: Duration = Duration::from_millis(2);
 /// A spare buffer larger than this after a burst is given back.
 const KEEP_CAPACITY: usize = 1 << 20;
 
@@ -235,6 +239,7 @@ fn write_loop(shared: &Shared, target: &Target, mut out: Box<dyn Write + Send>) 
             reported = lost;
         }
         let _ = out.flush();
+        std::thread::sleep(BATCH_PAUSE);
         if shared.reopen.swap(false, Ordering::AcqRel) {
             // stdout and stderr are not rotated by renaming: nothing to reopen.
             if let Target::File(_) = target {

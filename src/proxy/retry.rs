@@ -61,7 +61,7 @@ pub fn after_stale(session: &Session, ctx: &RequestCtx, unsent: bool) -> StaleVe
 }
 
 /// The request may be sent again after it reached a node.
-fn replayable(session: &Session, ctx: &RequestCtx) -> bool {
+pub fn replayable(session: &Session, ctx: &RequestCtx) -> bool {
     ctx.replay_safe && body_replayable(session, ctx)
 }
 
