@@ -225,6 +225,18 @@ fn write_loop(shared: &Shared, target: &Target, mut out: Box<dyn Write + Send>) 
             shared.waiting.store(false, Ordering::Relaxed);
             std::mem::swap(&mut *buf, &mut spare);
         }
+        // A reopen asked for before this swap comes first: every line queued after the
+        // signal goes to the new file.
+        if shared.reopen.swap(false, Ordering::AcqRel) {
+            let _ = out.flush();
+            // stdout and stderr are not rotated by renaming: nothing to reopen.
+            if let Target::File(_) = target {
+                match target.open() {
+                    Ok(f) => out = f,
+                    Err(e) => log::error!("cannot reopen log file: {e}"),
+                }
+            }
+        }
         let _ = out.write_all(&spare);
         spare.clear();
         if spare.capacity() > KEEP_CAPACITY {
@@ -240,15 +252,6 @@ fn write_loop(shared: &Shared, target: &Target, mut out: Box<dyn Write + Send>) 
         }
         let _ = out.flush();
         std::thread::sleep(BATCH_PAUSE);
-        if shared.reopen.swap(false, Ordering::AcqRel) {
-            // stdout and stderr are not rotated by renaming: nothing to reopen.
-            if let Target::File(_) = target {
-                match target.open() {
-                    Ok(f) => out = f,
-                    Err(e) => log::error!("cannot reopen log file: {e}"),
-                }
-            }
-        }
     }
 }
 

@@ -55,6 +55,20 @@ end
 return {expired, out}
 ";
 
+/// weir's Redis connection (the queue stream's and the shared registry's): lazy, bounded by
+/// `store.redis.timeout`, reconnecting by itself with a short backoff.
+pub fn connection_manager(settings: &RedisSettings) -> Result<ConnectionManager, String> {
+    let client = redis::Client::open(settings.url.as_str())
+        .map_err(|e| format!("store.redis.url {:?}: {e}", settings.url))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.timeout))
+        .set_response_timeout(Some(settings.timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())
+}
+
 /// One live entry as read: id, its JSON, milliseconds left.
 pub type LiveEntry = (String, String, u64);
 
@@ -87,17 +101,7 @@ impl SharedRegistry {
 
     async fn conn(&self) -> Result<ConnectionManager, String> {
         self.conn
-            .get_or_try_init(|| async {
-                let client = redis::Client::open(self.settings.url.as_str())
-                    .map_err(|e| format!("store.redis.url: {e}"))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.settings.timeout))
-                    .set_response_timeout(Some(self.settings.timeout))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_secs(1));
-                ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())
-            })
+            .get_or_try_init(|| async { connection_manager(&self.settings) })
             .await
             .cloned()
     }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -367,20 +367,7 @@ impl RedisStore {
             }
         };
         rt.block_on(async move {
-            let client = match redis::Client::open(self.settings.url.as_str()) {
-                Ok(c) => c,
-                Err(e) => {
-                    log::error!("queue stream {}: {e}", self.stream);
-                    return;
-                }
-            };
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.settings.timeout))
-                .set_response_timeout(Some(self.settings.timeout))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(1));
-            let conn = match ConnectionManager::new_lazy_with_config(client, config) {
+            let conn = match crate::discovery::shared::connection_manager(&self.settings) {
                 Ok(c) => c,
                 Err(e) => {
                     log::error!("queue stream {}: {e}", self.stream);
