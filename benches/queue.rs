@@ -155,6 +155,20 @@ fn memory_per_request(_c: &mut Criterion) {
     black_box(&q);
 }
 
+/// `batch` pushes at once (iteration `i`), each a task as a request's would be; all accepted.
+async fn push_batch(q: &Arc<Queue>, i: u64, batch: usize) {
+    let pushes: Vec<_> = (0..batch)
+        .map(|j| {
+            let q = q.clone();
+            let r = request(i * 64 + j as u64, 1024);
+            tokio::spawn(async move { q.push(r).await.is_ok() })
+        })
+        .collect();
+    for p in pushes {
+        assert!(p.await.unwrap_or(false), "push refused");
+    }
+}
+
 /// A push as a client waits for it (answered after it returns), one at a time and 64 at once
 /// (group commit), per storage and fsync policy, with a 1 KiB body.
 fn push_durable(c: &mut Criterion) {
@@ -200,16 +214,7 @@ fn push_durable(c: &mut Criterion) {
                     rt.block_on(async move {
                         let started = Instant::now();
                         for i in 0..iters {
-                            let pushes: Vec<_> = (0..batch)
-                                .map(|j| {
-                                    let q = q.clone();
-                                    let r = request(i * 64 + j as u64, 1024);
-                                    tokio::spawn(async move { q.push(r).await.is_ok() })
-                                })
-                                .collect();
-                            for p in pushes {
-                                assert!(p.await.unwrap_or(false), "push refused");
-                            }
+                            push_batch(&q, i, batch).await;
                             // Empty the queue again (not timed separately: it is the replay's).
                             for r in q.drain() {
                                 if let Some(log) = q.log() {
@@ -328,16 +333,7 @@ fn push_redis(c: &mut Criterion) {
                 let elapsed = rt.block_on(async move {
                     let started = Instant::now();
                     for i in 0..iters {
-                        let pushes: Vec<_> = (0..batch)
-                            .map(|j| {
-                                let q = pusher.clone();
-                                let r = request(i * 64 + j as u64, 1024);
-                                tokio::spawn(async move { q.push(r).await.is_ok() })
-                            })
-                            .collect();
-                        for p in pushes {
-                            assert!(p.await.unwrap_or(false), "push refused");
-                        }
+                        push_batch(&pusher, i, batch).await;
                     }
                     started.elapsed()
                 });

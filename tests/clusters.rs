@@ -10,16 +10,8 @@ use support::{Gateway, Request, Upstream};
 /// Bound on anything that should happen within a second or two.
 const SOON: Duration = Duration::from_secs(10);
 
-fn register(id: &str, node: &Upstream) -> Request {
-    Request::put(
-        &format!("/registry/api/{id}"),
-        format!(
-            r#"{{"host":"127.0.0.1","port":{},"zone":"eu-1"}}"#,
-            node.port()
-        ),
-    )
-    .header("Content-Type", "application/json")
-}
+/// Metadata every registration in these tests carries (and the registry must keep).
+const ZONE: &str = r#""zone":"eu-1""#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_go_to_the_cluster_their_host_or_path_routes_to() {
@@ -109,7 +101,7 @@ async fn a_registered_node_takes_traffic_at_once_and_leaves_when_its_heartbeat_s
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert_eq!(d.count(), 0, "never the default cluster's node");
 
-    let resp = gw.admin_send(&register("n1", &n1)).await;
+    let resp = gw.register("api", "n1", n1.port(), ZONE).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let entry = resp.json();
     assert_eq!(entry["zone"], "eu-1", "metadata is kept: {entry}");
@@ -131,7 +123,7 @@ async fn a_registered_node_takes_traffic_at_once_and_leaves_when_its_heartbeat_s
     );
 
     // DELETE: out of routing at once.
-    gw.admin_send(&register("n2", &n2)).await;
+    gw.register("api", "n2", n2.port(), ZONE).await;
     let resp = gw
         .admin_send(&Request::new("DELETE", "/registry/api/n1"))
         .await;
@@ -142,7 +134,7 @@ async fn a_registered_node_takes_traffic_at_once_and_leaves_when_its_heartbeat_s
 
     // n2 heartbeats a few times, then stops: it expires after its liveness (1 s).
     for _ in 0..3 {
-        assert_eq!(gw.admin_send(&register("n2", &n2)).await.status, 200);
+        assert_eq!(gw.register("api", "n2", n2.port(), ZONE).await.status, 200);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     gw.wait_for_stderr("registry: api/n2").await;
@@ -202,7 +194,7 @@ async fn bad_registrations_get_a_reason_and_entries_survive_a_reload_that_adds_a
         resp.text()
     );
 
-    assert_eq!(gw.admin_send(&register("n1", &n1)).await.status, 200);
+    assert_eq!(gw.register("api", "n1", n1.port(), ZONE).await.status, 200);
     // No route to `api` yet: the default cluster serves everything.
     let req = Request::get("/x").header("Host", "api.example.com");
     assert_eq!(gw.send(&req).await.node(), Some("d"));
@@ -281,29 +273,6 @@ async fn a_node_failing_its_health_check_loses_traffic_before_a_client_request_f
     assert!(m.sum_or_zero("weir_health_checks_total", &[("result", "failed")]) >= 1.0);
 }
 
-/// GETs `target` (Host `host`) until `want(node)` holds for the answering node (`None`: not
-/// answered by a node); bounded by 10 s.
-async fn until(gw: &Gateway, host: &str, target: &str, want: impl Fn(Option<&str>) -> bool) {
-    let start = std::time::Instant::now();
-    loop {
-        let resp = gw.send(&Request::get(target).header("Host", host)).await;
-        let node = match resp.status {
-            200 => resp.node(),
-            _ => None,
-        };
-        if want(node) {
-            return;
-        }
-        assert!(
-            start.elapsed() < SOON,
-            "{host}{target}: still {} from {node:?}\n{}",
-            resp.status,
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_follows_a_and_srv_records_and_keeps_the_last_good_answer() {
     use std::net::{IpAddr, Ipv4Addr};
@@ -367,7 +336,7 @@ async fn dns_discovery_follows_a_and_srv_records_and_keeps_the_last_good_answer(
         503
     );
     dns.set_addresses("api.test", &[local], 1);
-    until(&gw, "api.test", "/a", |n| n == Some("n1")).await;
+    gw.until_routed(Some("api.test"), "/a", Some("n1")).await;
     // The server fails: the last good answer stays.
     dns.set_failing(true);
     gw.wait_for_stderr("lookup of api.test failed").await;
@@ -390,7 +359,7 @@ async fn dns_discovery_follows_a_and_srv_records_and_keeps_the_last_good_answer(
     dns.set_failing(false);
     dns.set_addresses("api.test", &[IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))], 1);
     gw.wait_for_stderr("api.test resolves again").await;
-    until(&gw, "api.test", "/a", |n| n.is_none()).await;
+    gw.until_routed(Some("api.test"), "/a", None).await;
     assert!(dns.queries() > 3);
     assert_eq!(d.count(), 0, "nothing fell through to the default cluster");
 }
@@ -407,7 +376,7 @@ async fn a_request_in_flight_on_a_deleted_node_finishes() {
         )
         .start()
         .await;
-    assert_eq!(gw.admin_send(&register("n1", &n1)).await.status, 200);
+    assert_eq!(gw.register("api", "n1", n1.port(), ZONE).await.status, 200);
     n1.hold();
     let addr = gw.addr();
     let in_flight =

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use std::time::Duration;
 
-use support::{Gateway, Request, Upstream};
+use support::{Gateway, Upstream};
 
 const DASHBOARD: &str = include_str!("../grafana/weir.json");
 
@@ -157,11 +157,7 @@ async fn every_metric_the_dashboard_queries_is_exported_and_every_family_is_show
         )
         .start()
         .await;
-    let put = Request::put(
-        "/registry/api/n1",
-        format!(r#"{{"host":"127.0.0.1","port":{}}}"#, a.port()),
-    );
-    assert_eq!(gw.admin_send(&put).await.status, 200);
+    assert_eq!(gw.register("api", "n1", a.port(), "").await.status, 200);
     for family in ["weir_health_checks_total", "weir_dns_lookups_total"] {
         gw.wait_for_metric(family, &[], |v| v >= 1.0, Duration::from_secs(10))
             .await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::tools::Prometheus;
-use support::{Gateway, Request, Upstream};
+use support::{Gateway, Upstream};
 use tokio::time::Instant;
 
 const DASHBOARD: &str = include_str!("../grafana/weir.json");
@@ -29,11 +29,7 @@ async fn prometheus_sees_the_dead_node_error_rate_rise_and_the_queue_depth_chang
         )
         .start()
         .await;
-    let put = Request::put(
-        "/registry/api/z",
-        format!(r#"{{"host":"127.0.0.1","port":{}}}"#, z.port()),
-    );
-    assert_eq!(gw.admin_send(&put).await.status, 200);
+    assert_eq!(gw.register("api", "z", z.port(), "").await.status, 200);
     let prom = Prometheus::start(gw.admin_addr()).await;
     let b_url = b.url();
     let rate_of_b = format!(r#"weir_upstream_error_rate{{cluster="default",upstream="{b_url}"}}"#);

@@ -181,28 +181,6 @@ fn shared_registry(redis: &Redis) -> String {
     )
 }
 
-/// GETs `target` on `gw` until `node` answers it (or, with `None`, until it is not routed to
-/// any node: 503); returns how long that took. Bounded by 10 s.
-async fn until_routed(gw: &Gateway, target: &str, node: Option<&str>) -> Duration {
-    let start = std::time::Instant::now();
-    loop {
-        let resp = gw.get(target).await;
-        let got = match resp.status {
-            503 => None,
-            _ => resp.node().map(str::to_string),
-        };
-        if got.as_deref() == node {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{target} still goes to {got:?}, not {node:?}\n{}",
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_route_to_the_nodes_registered_in_one_redis_registry() {
     let redis = Redis::start().await;
@@ -219,17 +197,11 @@ async fn two_instances_route_to_the_nodes_registered_in_one_redis_registry() {
         .yaml(&shared_registry(&redis))
         .start()
         .await;
-    let put = |id: &str, node: &Upstream| {
-        Request::put(
-            &format!("/registry/api/{id}"),
-            format!(r#"{{"host":"127.0.0.1","port":{}}}"#, node.port()),
-        )
-    };
     // Registered through A: A routes to it at once, B on its next read.
-    assert_eq!(a.admin_send(&put("n1", &n1)).await.status, 200);
+    assert_eq!(a.register("api", "n1", n1.port(), "").await.status, 200);
     assert_eq!(a.get("/api/x").await.node(), Some("n1"));
     // B reads the registry every 500 ms; the bound leaves room for a busy machine.
-    let took = until_routed(&b, "/api/x", Some("n1")).await;
+    let took = b.until_routed(None, "/api/x", Some("n1")).await;
     assert!(
         took < Duration::from_secs(3),
         "B routed to n1 after {took:?}"
@@ -244,13 +216,13 @@ async fn two_instances_route_to_the_nodes_registered_in_one_redis_registry() {
         .admin_send(&Request::new("DELETE", "/registry/api/n1"))
         .await;
     assert_eq!(resp.status, 204);
-    until_routed(&a, "/api/x", None).await;
+    a.until_routed(None, "/api/x", None).await;
 
     // n2 registers through B and then stops renewing: it expires in Redis for both.
-    assert_eq!(b.admin_send(&put("n2", &n2)).await.status, 200);
-    until_routed(&a, "/api/y", Some("n2")).await;
-    until_routed(&a, "/api/y", None).await;
-    until_routed(&b, "/api/y", None).await;
+    assert_eq!(b.register("api", "n2", n2.port(), "").await.status, 200);
+    a.until_routed(None, "/api/y", Some("n2")).await;
+    a.until_routed(None, "/api/y", None).await;
+    b.until_routed(None, "/api/y", None).await;
     assert_eq!(redis.command("HLEN fleet:registry:api").await.trim(), ":0");
     let expired =
         |m: support::Metrics| m.sum_or_zero("weir_registry_events_total", &[("event", "expired")]);
@@ -263,11 +235,11 @@ async fn two_instances_route_to_the_nodes_registered_in_one_redis_registry() {
     );
 
     // Redis down: routing keeps the last nodes read, registrations get 503.
-    assert_eq!(a.admin_send(&put("n1", &n1)).await.status, 200);
-    until_routed(&b, "/api/z", Some("n1")).await;
+    assert_eq!(a.register("api", "n1", n1.port(), "").await.status, 200);
+    b.until_routed(None, "/api/z", Some("n1")).await;
     let mut redis = redis;
     redis.stop().await;
-    let resp = a.admin_send(&put("n1", &n1)).await;
+    let resp = a.register("api", "n1", n1.port(), "").await;
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert_eq!(
         b.get("/api/z").await.node(),

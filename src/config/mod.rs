@@ -801,16 +801,6 @@ impl Config {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
 
-    /// Attempts per request of the default cluster after applying `retries.max_attempts`
-    /// (0 = one per upstream).
-    pub fn attempts_per_request(&self) -> usize {
-        let n = self.upstreams.len().max(1);
-        match self.retries.max_attempts {
-            0 => n,
-            m => m as usize,
-        }
-    }
-
     /// The routing table as YAML comments (`weir check`): each route in match order and the
     /// cluster it leads to, with that cluster's static nodes and dynamic sources.
     pub fn routes_text(&self) -> String {

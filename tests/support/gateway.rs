@@ -532,6 +532,50 @@ impl Gateway {
         })
     }
 
+    /// `PUT /registry/{cluster}/{id}` for a node on 127.0.0.1:`port`; `extra` are more JSON
+    /// fields (`"zone":"eu-1"`, or empty). Returns the admin listener's answer.
+    pub async fn register(&self, cluster: &str, id: &str, port: u16, extra: &str) -> Response {
+        let sep = if extra.is_empty() { "" } else { "," };
+        let body = format!(r#"{{"host":"127.0.0.1","port":{port}{sep}{extra}}}"#);
+        self.admin_send(
+            &Request::put(&format!("/registry/{cluster}/{id}"), body)
+                .header("Content-Type", "application/json"),
+        )
+        .await
+    }
+
+    /// GETs `target` (with `Host: host` when given) until the node that answers is `node`
+    /// (`None`: no node answered, a 503); how long that took. Bounded by 10 s.
+    pub async fn until_routed(
+        &self,
+        host: Option<&str>,
+        target: &str,
+        node: Option<&str>,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let mut req = Request::get(target);
+            if let Some(h) = host {
+                req = req.header("Host", h);
+            }
+            let resp = self.send(&req).await;
+            let got = match resp.status {
+                200 => resp.node().map(str::to_string),
+                _ => None,
+            };
+            if got.as_deref() == node {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{host:?}{target} still goes to {got:?} ({}), not {node:?}\n{}",
+                resp.status,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends `req`, which must be answered `503 Request Buffered`; returns its queue id.
     pub async fn buffered(&self, req: &Request) -> String {
         let resp = self.send(req).await;
