@@ -58,7 +58,9 @@ async fn status_json_reports_nodes_queues_and_totals() {
     // No decay: the dead node's share depends on how often it failed, not on wall time.
     let gw = Gateway::builder()
         .upstreams([&a, &dead])
-        .yaml("limits: {concurrency_peak: 77}\nrouting: {decay_half_life: 1h}")
+        // Hedging off: a hedge to the dead node is a refused attempt without a retry, and the
+        // page's retry count is compared with the refused attempts below.
+        .yaml("limits: {concurrency_peak: 77}\nrouting: {decay_half_life: 1h}\nhedging: {enabled: false}")
         .start()
         .await;
     // At least 20 requests, and until the dead node failed twice: after a single failure its
