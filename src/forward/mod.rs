@@ -30,7 +30,9 @@ use crate::runtime::Node;
 pub use ids::X_REQUEST_ID;
 
 const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The names as written on the wire (lowercase, as Pingora writes a name it has no case for).
+const XFF_NAME: &str = "x-forwarded-for";
+const XFP_NAME: &str = "x-forwarded-proto";
 
 /// What every attempt of a request carries from its client: captured when the request
 /// arrives, kept with a queued request.
@@ -52,15 +54,21 @@ impl Client {
     /// short and printable; exactly one valid `traceparent` (none, several or a bad one start
     /// a new trace).
     pub fn capture(headers: &HeaderMap, ip: Option<IpAddr>, tls: bool) -> Client {
-        let request_id = headers
+        let client_id = headers
             .get(ids::X_REQUEST_ID)
-            .filter(|v| ids::acceptable_request_id(v))
-            .cloned()
-            .unwrap_or_else(ids::new_request_id);
+            .filter(|v| ids::acceptable_request_id(v));
         let mut parents = headers.get_all(trace::TRACEPARENT).iter();
-        let (traceparent, trace_started_here) = match (parents.next(), parents.next()) {
-            (Some(tp), None) if trace::valid_traceparent(tp.as_bytes()) => (tp.clone(), false),
-            _ => (trace::new_traceparent(), true),
+        let client_trace = match (parents.next(), parents.next()) {
+            (Some(tp), None) if trace::valid_traceparent(tp.as_bytes()) => Some(tp),
+            _ => None,
+        };
+        let trace_started_here = client_trace.is_none();
+        let (request_id, traceparent) = match (client_id, client_trace) {
+            (Some(id), Some(tp)) => (id.clone(), tp.clone()),
+            (Some(id), None) => (id.clone(), trace::new_traceparent()),
+            (None, Some(tp)) => (ids::new_request_id(), tp.clone()),
+            // The usual case: both made here, in one buffer (one allocation for the two).
+            (None, None) => new_ids(),
         };
         Client {
             ip,
@@ -69,6 +77,23 @@ impl Client {
             traceparent,
             trace_started_here,
         }
+    }
+}
+
+/// A new request id and a new traceparent, two views of one shared buffer.
+fn new_ids() -> (HeaderValue, HeaderValue) {
+    const ID: usize = ids::REQUEST_ID_LEN;
+    let mut buf = [0u8; ID + trace::TRACEPARENT_LEN];
+    let (id, tp) = buf.split_at_mut(ID);
+    if let (Ok(id), Ok(tp)) = (id.try_into(), tp.try_into()) {
+        ids::write_request_id(id);
+        trace::write_traceparent(tp);
+    }
+    let both = bytes::Bytes::from_owner(buf);
+    let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).ok();
+    match (value(both.slice(..ID)), value(both.slice(ID..))) {
+        (Some(id), Some(tp)) => (id, tp),
+        _ => (ids::new_request_id(), trace::new_traceparent()),
     }
 }
 
@@ -153,17 +178,15 @@ pub fn prepare(
         let _ = write!(buf, "{ip}");
         let value = HeaderValue::from_bytes(&buf)
             .map_err(|_| Error::explain(ErrorType::InternalError, "bad X-Forwarded-For"))?;
-        req.insert_header(XFF, value)?;
+        req.insert_header(XFF_NAME, value)?;
     }
-    req.insert_header(XFP, if client.tls { "https" } else { "http" })?;
-    req.insert_header(
-        HeaderName::from_static(X_REQUEST_ID),
-        client.request_id.clone(),
-    )?;
-    req.insert_header(
-        HeaderName::from_static(trace::TRACEPARENT),
-        client.traceparent.clone(),
-    )?;
+    // Names as static text and values that are shared or static: Pingora's insert then
+    // allocates only the header name's own copy (and its clone for the case map) and
+    // nothing for the case-preserving name or the value.
+    let proto = HeaderValue::from_static(if client.tls { "https" } else { "http" });
+    req.insert_header(XFP_NAME, proto)?;
+    req.insert_header(X_REQUEST_ID, client.request_id.clone())?;
+    req.insert_header(trace::TRACEPARENT, client.traceparent.clone())?;
     if client.trace_started_here {
         req.remove_header(trace::TRACESTATE);
     }

@@ -2,8 +2,9 @@
 //! attempt unchanged; an absent or invalid one is replaced by a new trace rooted at weir
 //! (version 00, random 16-byte trace id and 8-byte parent id, flags 01 = sampled).
 //!
-//! Validation reads the bytes in place and generation formats into a stack buffer, so the only
-//! allocation is the new header value itself.
+//! Validation reads the bytes in place and generation formats into a caller's buffer, so the
+//! only allocation is the new header value itself (shared with a new request id, see
+//! `Client::capture`).
 
 use http::header::HeaderValue;
 
@@ -43,6 +44,15 @@ pub fn valid_traceparent(v: &[u8]) -> bool {
 /// A new `traceparent`: `00-<32 hex>-<16 hex>-01`.
 pub fn new_traceparent() -> HeaderValue {
     let mut buf = [0u8; LEN_V00];
+    write_traceparent(&mut buf);
+    super::ids::shared_value(buf)
+}
+
+/// The length of weir's traceparents.
+pub const TRACEPARENT_LEN: usize = LEN_V00;
+
+/// Writes a new traceparent into `buf`.
+pub fn write_traceparent(buf: &mut [u8; LEN_V00]) {
     buf[..3].copy_from_slice(b"00-");
     // A zero id is invalid; the chance is 2^-64 per word, but the retry costs nothing.
     let nonzero = || loop {
@@ -56,7 +66,6 @@ pub fn new_traceparent() -> HeaderValue {
     buf[35] = b'-';
     write_hex(&mut buf[36..52], nonzero());
     buf[52..].copy_from_slice(b"-01");
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn write_hex(out: &mut [u8], mut x: u64) {
