@@ -1,7 +1,7 @@
-//! The attempt watch: ends attempts in flight that weir must not leave to Pingora's own
-//! per-read timeout — those on a stalled node (abort on stall) and those past one of their
-//! deadlines (`timeouts.first_byte`, `timeouts.body_idle`, `timeouts.request` for the whole
-//! attempt).
+//! The attempt watch: ends attempts in flight on a stalled node (abort on stall) and those
+//! past one of their deadlines (`timeouts.first_byte`, `timeouts.body_idle`, `timeouts.request`
+//! for the whole attempt). It is the only limit on an attempt's reads: the node peers carry no
+//! Pingora per-read timeout (one timer per read, see docs/perf.md).
 //!
 //! Pingora has no cancel handle for an attempt in flight; its upstream loop waits only on the
 //! node's socket and the client. What reaches it from outside is the socket itself:
@@ -257,7 +257,8 @@ impl AbortRegistry {
     /// Registers the attempt on socket `fd`, started at `started`, watched for `terms`.
     /// `sent`: the whole request goes out at once (no body, or weir's copy); otherwise
     /// [`AbortGuard::sent`] starts the first-byte clock. `None` when the descriptor cannot be
-    /// duplicated (out of descriptors): the attempt is then left to Pingora's own timeouts.
+    /// duplicated (out of descriptors): the attempt is then not sent, since nothing else bounds
+    /// its reads.
     pub fn register(
         self: &Arc<Self>,
         fd: RawFd,

@@ -383,11 +383,9 @@ impl Cluster {
         Terms {
             stall,
             first_byte: t.first_byte(),
-            // Pingora's per-read timeout already is exactly the body's idle limit when the
-            // two coincide; a tunnel's reads have `tunnel_idle`.
-            body_idle: t
-                .body_idle()
-                .filter(|idle| !upgrade && t.per_read() != Some(*idle)),
+            // The watch is the only limit on the node's reads (the peers carry no per-read
+            // timeout); a tunnel's reads have `tunnel_idle`.
+            body_idle: t.body_idle().filter(|_| !upgrade),
             deadline: t.request.filter(|_| !upgrade),
         }
     }
@@ -415,7 +413,12 @@ fn peer_for(u: &Upstream, timeouts: &Timeouts) -> Result<HttpPeer, String> {
     let o = &mut peer.options;
     o.connection_timeout = Some(timeouts.connect);
     o.total_connection_timeout = Some(timeouts.connect);
-    o.read_timeout = timeouts.per_read();
+    // No per-read timeout: the attempt watch (`abort.rs`) enforces `first_byte`, `body_idle`
+    // and `request` for every attempt, and an attempt it cannot watch is not sent. Pingora
+    // would otherwise arm a timer (a timer-wheel entry and two allocations) around every read
+    // of every response, only to repeat a limit the watch already keeps. Writes keep theirs:
+    // before its request is sent an attempt has only the whole-attempt deadline.
+    o.read_timeout = None;
     o.write_timeout = timeouts.body_idle();
     o.idle_timeout = Some(UPSTREAM_IDLE);
     if tls {

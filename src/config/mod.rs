@@ -414,13 +414,6 @@ impl Timeouts {
     pub fn body_idle(&self) -> Option<Duration> {
         self.body_idle.or(self.request)
     }
-
-    /// Pingora's per-read timeout, which covers the header wait and every body read alike:
-    /// the longer of the two, a backstop to weir's own watch, which enforces each exactly.
-    /// `None` when either is off (a per-read limit would then cut what has none).
-    pub fn per_read(&self) -> Option<Duration> {
-        Some(self.first_byte()?.max(self.body_idle()?))
-    }
 }
 
 impl Default for Timeouts {

@@ -416,6 +416,13 @@ impl ProxyHttp for Gateway {
             let terms = cluster.watch_terms(stall, ctx.upgrade);
             if let (true, Some(n)) = (terms.any(), cluster.nodes.get(node)) {
                 ctx.abort = n.aborts.register(fd, started, terms, whole);
+                if ctx.abort.is_none() {
+                    // Out of descriptors: nothing would bound this attempt's reads.
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "cannot watch the attempt's deadlines (no descriptor to spare)",
+                    );
+                }
             }
         }
         Ok(())

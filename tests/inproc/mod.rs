@@ -43,7 +43,8 @@ pub fn allocations() -> u64 {
     ALLOCATIONS.load(Ordering::Relaxed)
 }
 
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok";
+const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok";
 
 /// An HTTP/1.1 node on a loopback port: keep-alive, `200 ok` to every request (which must have
 /// no body), a thread per connection, no allocation per request.
@@ -111,13 +112,14 @@ impl pingora::server::ShutdownSignalWatch for Forever {
 /// everything else (access log on, into a file here; request ids, traceparent, forwarding
 /// headers, metrics, feedback routing, hedging, the durable deferred queue), one worker thread.
 pub fn start(nodes: &[SocketAddr], extra: &str) -> Weir {
-    let dir = std::env::temp_dir().join(format!("weir-inproc-{}-{}", std::process::id(), free_port()));
+    let dir = std::env::temp_dir().join(format!(
+        "weir-inproc-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let port = free_port();
-    let upstreams: String = nodes
-        .iter()
-        .map(|n| format!("  - http://{n}\n"))
-        .collect();
+    let upstreams: String = nodes.iter().map(|n| format!("  - http://{n}\n")).collect();
     let yaml = format!(
         "listen: 127.0.0.1:{port}\nupstreams:\n{upstreams}\
          admin:\n  listen: 127.0.0.1:{admin}\n\
@@ -168,7 +170,8 @@ impl Client {
 
     pub fn connect(addr: SocketAddr, path: &str) -> Client {
         let conn = Self::open(addr);
-        let request = format!("GET {path} HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: inproc\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: inproc\r\n\r\n");
         Client {
             addr,
             conn,
@@ -179,10 +182,15 @@ impl Client {
 
     /// One GET; the response's status. Panics on a broken connection or response.
     pub fn get(&mut self) -> u16 {
-        self.conn.write_all(&self.request).expect("send the request");
+        self.conn
+            .write_all(&self.request)
+            .expect("send the request");
         let mut filled = 0;
         let (end, status, length, close) = loop {
-            let n = self.conn.read(&mut self.buf[filled..]).expect("read the response");
+            let n = self
+                .conn
+                .read(&mut self.buf[filled..])
+                .expect("read the response");
             assert!(n > 0, "weir closed the connection");
             filled += n;
             if let Some(end) = head_end(&self.buf[..filled]) {
@@ -201,14 +209,18 @@ impl Client {
                     .expect("a content-length");
                 let close = head.lines().any(|l| {
                     l.split_once(':').is_some_and(|(k, v)| {
-                        k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+                        k.eq_ignore_ascii_case("connection")
+                            && v.trim().eq_ignore_ascii_case("close")
                     })
                 });
                 break (end, status, length, close);
             }
         };
         while filled < end + length {
-            let n = self.conn.read(&mut self.buf[filled..]).expect("read the body");
+            let n = self
+                .conn
+                .read(&mut self.buf[filled..])
+                .expect("read the body");
             assert!(n > 0, "weir closed the connection mid-body");
             filled += n;
         }
@@ -267,7 +279,10 @@ pub fn start_bare(nodes: &[SocketAddr]) -> SocketAddr {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "the bare proxy never listened on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "the bare proxy never listened on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     addr
