@@ -187,7 +187,7 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             tls: false,
         }];
-        new.server.threads += 1;
+        new.server.threads = Some(new.server.worker_threads() + 1);
         new.limits.concurrency_peak = 7;
         let changed = keep_restart_only_settings(&mut new, &running);
         assert_eq!(changed, vec!["listen", "server"]);

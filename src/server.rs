@@ -221,7 +221,8 @@ pub struct RunOptions {
 fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
     let s = &config.server;
     ServerConf {
-        threads: s.threads,
+        threads: s.worker_threads(),
+        upstream_keepalive_pool_size: s.upstream_pool_size,
         pid_file: s.pid_file.to_string_lossy().into_owned(),
         upgrade_sock: s.upgrade_sock.to_string_lossy().into_owned(),
         grace_period_seconds: Some(s.grace_period.as_secs()),
@@ -230,7 +231,7 @@ fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
         daemon: opts.daemon,
         // One worker thread gains nothing from tokio's work-stealing scheduler and pays for it
         // on every wake-up; Pingora's per-thread runtime is cheaper.
-        work_stealing: s.threads > 1,
+        work_stealing: s.worker_threads() > 1,
         ..ServerConf::default()
     }
 }

@@ -707,8 +707,14 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a map of server settings")]
 pub struct ServerSettings {
+    /// Worker threads; `auto` (`None`, the default): one per core the process may use.
+    #[serde(with = "values::positive_or_auto")]
+    pub threads: Option<usize>,
+    /// Idle upstream connections kept for reuse, all nodes together (Pingora's
+    /// `upstream_keepalive_pool_size`). Beyond it a connection is closed after its response,
+    /// and the next request pays for a new one.
     #[serde(with = "values::positive")]
-    pub threads: usize,
+    pub upstream_pool_size: usize,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
     /// After SIGTERM, keep accepting this long (whole seconds: Pingora counts seconds).
@@ -722,7 +728,19 @@ pub struct ServerSettings {
     pub data_dir: Option<PathBuf>,
 }
 
+/// Pingora's default pool size; weir's default is larger (docs/perf.md).
+pub const DEFAULT_UPSTREAM_POOL_SIZE: usize = 1024;
+
 impl ServerSettings {
+    /// The worker threads in force: `threads`, or one per core the process may use.
+    pub fn worker_threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+
     /// The data directory: `server.data_dir`, else systemd's `$STATE_DIRECTORY` (set by
     /// `StateDirectory=`), else `$XDG_STATE_HOME/weir`, else `$HOME/.local/state/weir`, else
     /// `/var/lib/weir`.
@@ -758,7 +776,8 @@ impl ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
-            threads: 2,
+            threads: None,
+            upstream_pool_size: DEFAULT_UPSTREAM_POOL_SIZE,
             pid_file: PathBuf::from("/tmp/weir.pid"),
             upgrade_sock: PathBuf::from("/tmp/weir_upgrade.sock"),
             grace_period: Duration::from_secs(5),

@@ -174,6 +174,31 @@ pub mod positive {
     }
 }
 
+/// A whole number of at least 1, or `auto` (`None`).
+pub mod positive_or_auto {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        Scalar::new("a whole number of at least 1, or auto", |s| {
+            match s.trim() {
+                "auto" => Ok(None),
+                t => positive::parse::<usize>(t)
+                    .map(Some)
+                    .map_err(|e| format!("{e} (or auto)")),
+            }
+        })
+        .null_as("auto")
+        .read(d)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<usize>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n as u64),
+            None => s.serialize_str("auto"),
+        }
+    }
+}
+
 /// HTTP statuses (100-599).
 pub mod statuses {
     use super::*;

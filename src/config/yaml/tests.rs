@@ -97,7 +97,12 @@ fn a_minimal_file_takes_every_default() {
     assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:9100"));
     assert_eq!(c.log.access, AccessLog::Stdout);
     assert_eq!(c.log.level, "info");
-    assert_eq!(c.server.threads, 2);
+    assert_eq!(c.server.threads, None);
+    assert!(c.server.worker_threads() >= 1);
+    assert_eq!(
+        c.server.upstream_pool_size,
+        crate::config::DEFAULT_UPSTREAM_POOL_SIZE
+    );
     assert_eq!(c.server.pid_file, PathBuf::from("/tmp/weir.pid"));
     assert!(c.tls.is_none());
     assert!(c.response_headers.is_empty());
@@ -280,7 +285,9 @@ fn bad_values_are_errors_at_their_line_naming_the_key() {
         ("response_headers:\n  Bad Name: x\n", 3, &["Bad Name"]),
         ("log:\n  level: loud\n", 3, &["trace"]),
         ("admin:\n  listen: 9100\n", 3, &["host:port"]),
-        ("server:\n  threads: 0\n", 3, &["at least 1"]),
+        ("server:\n  threads: 0\n", 3, &["at least 1", "auto"]),
+        ("server:\n  threads: many\n", 3, &["or auto"]),
+        ("server:\n  upstream_pool_size: 0\n", 3, &["at least 1"]),
     ];
     for (tail, line, needles) in cases {
         err_at(&format!("{MINIMAL}{tail}"), Some(*line), needles);
@@ -730,4 +737,22 @@ fn conf_weir_yaml_writes_out_every_key() {
             );
         }
     }
+}
+
+#[test]
+fn threads_are_auto_or_a_count_and_the_pool_size_a_count() {
+    let c = ok(&format!(
+        "{MINIMAL}server:\n  threads: auto\n  upstream_pool_size: 16\n"
+    ));
+    assert_eq!(c.server.threads, None);
+    assert_eq!(
+        c.server.worker_threads(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    assert_eq!(c.server.upstream_pool_size, 16);
+    let c = ok(&format!("{MINIMAL}server:\n  threads: 3\n"));
+    assert_eq!((c.server.threads, c.server.worker_threads()), (Some(3), 3));
+    // `weir check` prints what reads back the same.
+    let again = ok(&c.to_yaml());
+    assert_eq!(again.server, c.server);
 }
