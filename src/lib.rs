@@ -66,8 +66,79 @@ pub mod tls;
 
 /// Process-wide logger for weir's own diagnostics (stderr), at the configured level.
 pub fn init_logging(level: &str) {
-    let _ = env_logger::Builder::new()
+    let inner = env_logger::Builder::new()
         .parse_filters(level)
         .format_timestamp_millis()
-        .try_init();
+        .build();
+    let max = inner.filter();
+    if log::set_boxed_logger(Box::new(Diagnostics(inner))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Pingora's connector logs at `error` when its idle-pool watcher still holds a pooled
+/// connection a request wants (a race inside Pingora under load, several a second with work
+/// stealing): the request simply gets a new connection, nothing fails, and an operator can do
+/// nothing about it. weir reports it at `debug`.
+fn is_benign_pingora_error(record: &log::Record) -> bool {
+    record.level() == log::Level::Error
+        && record.target() == "pingora_core::connectors"
+        && record.args().as_str() == Some("failed to acquire reusable stream")
+}
+
+/// env_logger, with Pingora's benign errors moved to `debug`.
+struct Diagnostics(env_logger::Logger);
+
+impl log::Log for Diagnostics {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !is_benign_pingora_error(record) {
+            return self.0.log(record);
+        }
+        let lowered = log::Record::builder()
+            .level(log::Level::Debug)
+            .target(record.target())
+            .args(*record.args())
+            .module_path(record.module_path())
+            .file(record.file())
+            .line(record.line())
+            .build();
+        if self.0.matches(&lowered) {
+            self.0.log(&lowered);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod logging_tests {
+    use super::is_benign_pingora_error;
+
+    fn record_is_benign(level: log::Level, target: &str, args: std::fmt::Arguments) -> bool {
+        let record = log::Record::builder()
+            .level(level)
+            .target(target)
+            .args(args)
+            .build();
+        is_benign_pingora_error(&record)
+    }
+
+    #[test]
+    fn only_the_pool_reuse_race_is_lowered() {
+        let t = "pingora_core::connectors";
+        let msg = format_args!("failed to acquire reusable stream");
+        assert!(record_is_benign(log::Level::Error, t, msg));
+        let other = format_args!("connect refused");
+        assert!(!record_is_benign(log::Level::Error, t, other));
+        let msg = format_args!("failed to acquire reusable stream");
+        assert!(!record_is_benign(log::Level::Error, "weir::proxy", msg));
+        let msg = format_args!("failed to acquire reusable stream");
+        assert!(!record_is_benign(log::Level::Warn, t, msg));
+    }
 }
