@@ -85,6 +85,15 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
+/// Bounded wait for a listener the server binds on its own thread.
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened on {addr}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A running weir: the proxy's address; its files live in `dir` until the process exits.
 pub struct Weir {
     pub addr: SocketAddr,
@@ -142,12 +151,7 @@ pub fn start(nodes: &[SocketAddr], extra: &str) -> Weir {
         })
     });
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    // Bounded wait for the listener: the server binds it on its own thread.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "weir never listened on {addr}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_listening(addr, "weir");
     Weir { addr, dir }
 }
 
@@ -277,13 +281,6 @@ pub fn start_bare(nodes: &[SocketAddr]) -> SocketAddr {
         })
     });
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the bare proxy never listened on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_listening(addr, "the bare proxy");
     addr
 }
