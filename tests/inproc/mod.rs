@@ -81,6 +81,14 @@ pub fn upstream() -> SocketAddr {
     addr
 }
 
+/// The value of header `name` in a response head, trimmed.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
@@ -191,48 +199,39 @@ impl Client {
             .expect("send the request");
         let mut filled = 0;
         let (end, status, length, close) = loop {
-            let n = self
-                .conn
-                .read(&mut self.buf[filled..])
-                .expect("read the response");
-            assert!(n > 0, "weir closed the connection");
-            filled += n;
+            filled += self.read_more(filled, "the response");
             if let Some(end) = head_end(&self.buf[..filled]) {
                 let head = std::str::from_utf8(&self.buf[..end]).expect("a text head");
                 let status = head
                     .get(9..12)
                     .and_then(|s| s.parse().ok())
                     .expect("a status");
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
+                let length = header(head, "content-length")
+                    .and_then(|v| v.parse::<usize>().ok())
                     .expect("a content-length");
-                let close = head.lines().any(|l| {
-                    l.split_once(':').is_some_and(|(k, v)| {
-                        k.eq_ignore_ascii_case("connection")
-                            && v.trim().eq_ignore_ascii_case("close")
-                    })
-                });
+                let close =
+                    header(head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
                 break (end, status, length, close);
             }
         };
         while filled < end + length {
-            let n = self
-                .conn
-                .read(&mut self.buf[filled..])
-                .expect("read the body");
-            assert!(n > 0, "weir closed the connection mid-body");
-            filled += n;
+            filled += self.read_more(filled, "the body");
         }
         if close {
             // weir ends the connection after some answers (a hedge's, an error's): a new one.
             self.conn = Self::open(self.addr);
         }
         status
+    }
+
+    /// Reads into the buffer after `filled`; the byte count (never 0: a close panics).
+    fn read_more(&mut self, filled: usize, what: &str) -> usize {
+        let n = self
+            .conn
+            .read(&mut self.buf[filled..])
+            .unwrap_or_else(|e| panic!("read {what}: {e}"));
+        assert!(n > 0, "weir closed the connection while sending {what}");
+        n
     }
 }
 
