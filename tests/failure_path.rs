@@ -467,8 +467,14 @@ async fn a_hedge_answers_for_a_hung_or_paused_node_and_the_loser_is_cancelled() 
     let gw = hedging_gateway(&slow, &fast, "").await;
     let mut on_slow = 0;
     let mut hung_on_slow = 0;
-    for (i, pause) in [false, true, false, true].into_iter().enumerate() {
-        // Hung (never answers) or paused (holds every request until released).
+    // Hung (never answers) until one hung first attempt landed on the slow node, then paused
+    // (holds every request until released) until one paused did: the router lowers the slow
+    // node's share after each lost attempt, so which request lands there is chance.
+    for i in 0..16 {
+        if hung_on_slow >= 1 && on_slow > hung_on_slow {
+            break;
+        }
+        let pause = hung_on_slow >= 1;
         if pause {
             slow.hold();
         } else {
