@@ -21,10 +21,11 @@
 //!                            sees it close)
 //! ```
 //!
-//! What it costs: one clone of the request head per eligible request (taken when its first
-//! attempt goes out) and a registration; a hedge that is sent costs a task, a connection from
-//! the hedge pool and, when it wins, a client connection (Pingora reuses none after its error
-//! path, so the answer says `Connection: close`).
+//! What it costs: one copy of the request head per eligible request, in one buffer
+//! (`HeadCopy`, taken when its first attempt goes out) and a registration; a hedge that is
+//! sent costs a task, the head rebuilt, a connection from the hedge pool and, when it wins, a
+//! client connection (Pingora reuses none after its error path, so the answer says
+//! `Connection: close`).
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicU8, AtomicUsize};
@@ -39,6 +40,7 @@ use pingora_core::connectors::http::Connector;
 use smallvec::SmallVec;
 use tokio::sync::Notify;
 
+use super::head_copy::HeadCopy;
 use super::request::RequestCtx;
 use super::respond;
 use crate::abort::{AbortReason, AbortRegistry};
@@ -73,7 +75,7 @@ struct Plan {
     /// The request's cluster in `runtime`.
     cluster: usize,
     /// The request head as Pingora would send it, before the forwarding policy.
-    head: RequestHeader,
+    head: HeadCopy,
     body: Option<Bytes>,
     client: Client,
     tried: SmallVec<[usize; 4]>,
@@ -144,7 +146,7 @@ impl Hedges {
         let plan = Plan {
             runtime: runtime.clone(),
             cluster: ctx.cluster,
-            head: head.clone(),
+            head: HeadCopy::of(head)?,
             body: ctx.body.clone(),
             client: ctx.client.clone()?,
             tried: ctx.tried.clone(),
@@ -320,7 +322,7 @@ impl Hedges {
             .await
             .map_err(|e| (e, Phase::Connect))?;
         let phase = Phase::Exchange { reused };
-        let mut head = plan.head.clone();
+        let mut head = plan.head.rebuild().map_err(|e| (e, phase))?;
         forward::prepare(&mut head, n, runtime.config.upstream_host, &plan.client)
             .map_err(|e| (e, phase))?;
         let exchange = async {

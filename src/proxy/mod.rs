@@ -33,6 +33,7 @@ pub mod admission;
 pub mod body;
 pub mod defer;
 pub mod gateway;
+mod head_copy;
 pub mod hedge;
 pub mod request;
 pub mod respond;
