@@ -49,44 +49,28 @@ impl HeadCopy {
         let method = head.method.as_str().as_bytes();
         let target = head.raw_path();
         let mut len = 2 + 2 + method.len() + 4 + target.len();
-        let fits = |name: &[u8], value: &[u8]| {
-            u16::try_from(name.len()).is_ok() && u32::try_from(value.len()).is_ok()
+        // A `u16`-prefixed field and a `u32`-prefixed one: method and target, name and value.
+        let fits = |short: &[u8], long: &[u8]| {
+            u16::try_from(short.len()).is_ok() && u32::try_from(long.len()).is_ok()
         };
-        if u16::try_from(method.len()).is_err() || u32::try_from(target.len()).is_err() {
-            return None;
-        }
         let keeps_case = head.has_case();
-        if keeps_case {
-            for (name, value) in head.case_header_iter() {
-                if !fits(name.as_slice(), value.as_bytes()) {
-                    return None;
-                }
-                len += 6 + name.as_slice().len() + value.len();
-            }
-        } else {
-            for (name, value) in head.headers.iter() {
-                if !fits(name.as_str().as_bytes(), value.as_bytes()) {
-                    return None;
-                }
-                len += 6 + name.as_str().len() + value.len();
-            }
+        let mut fit = fits(method, target);
+        each_header(head, |name, value| {
+            fit &= fits(name, value);
+            len += 6 + name.len() + value.len();
+        });
+        if !fit {
+            return None;
         }
         let mut buf = Vec::with_capacity(len);
         buf.push(if keeps_case { KEEPS_CASE } else { 0 });
         buf.push(version_byte(head.version));
         put(&mut buf, method, 2);
         put(&mut buf, target, 4);
-        if keeps_case {
-            for (name, value) in head.case_header_iter() {
-                put(&mut buf, name.as_slice(), 2);
-                put(&mut buf, value.as_bytes(), 4);
-            }
-        } else {
-            for (name, value) in head.headers.iter() {
-                put(&mut buf, name.as_str().as_bytes(), 2);
-                put(&mut buf, value.as_bytes(), 4);
-            }
-        }
+        each_header(head, |name, value| {
+            put(&mut buf, name, 2);
+            put(&mut buf, value, 4);
+        });
         debug_assert_eq!(buf.len(), len);
         Some(HeadCopy { buf })
     }
@@ -112,6 +96,20 @@ impl HeadCopy {
             head.append_header(bytes::Bytes::copy_from_slice(name), value)?;
         }
         Ok(head)
+    }
+}
+
+/// Each header of `head` in order, with its name as the client wrote it when the head keeps
+/// case.
+fn each_header(head: &RequestHeader, mut f: impl FnMut(&[u8], &[u8])) {
+    if head.has_case() {
+        for (name, value) in head.case_header_iter() {
+            f(name.as_slice(), value.as_bytes());
+        }
+    } else {
+        for (name, value) in head.headers.iter() {
+            f(name.as_str().as_bytes(), value.as_bytes());
+        }
     }
 }
 
